@@ -1,0 +1,230 @@
+"""The client side of a run, as an h11-style connection object.
+
+Theory of operation
+-------------------
+A :class:`ClientConnection` is what Dovecot's ``program-client`` does with
+the bytes of one run, without doing any I/O itself.  The adapter:
+
+1. sends ``conn.send(Request(...))`` (the header) as soon as it is connected;
+2. sends ``conn.send(Data(data=...))`` for each chunk of payload and finally
+   ``conn.send(EndOfInput())``; then half-closes the socket when
+   :attr:`ClientConnection.reads_reply` is true, else closes it;
+3. meanwhile (reading and writing run concurrently, or a script that writes
+   before it reads would deadlock) feeds every received chunk to
+   ``conn.receive_data(chunk)`` (``b""`` at EOF, :meth:`receive_reset` on
+   ECONNRESET) and drains ``conn.next_event()``: :class:`Output` events,
+   then exactly one :class:`Result`.
+
+Reply pipeline (PROTOCOL.md 5.1)::
+
+    bytes -> ResultCodeFilter (reply mode) -> DotDecoder (tcp) -> Output
+
+States::
+
+    IDLE --Request--> SENDING --EndOfInput--> SENT
+    (reading is allowed in SENDING and SENT)
+    a Result is produced at EOF, or at EndOfInput when the reply is not read
+
+Timeouts, connecting, retries and error mapping belong to the adapter; it
+reports transport failures with its own :class:`Result`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+
+from ._dot import DotDecoder, DotEncoder
+from ._errors import LocalProtocolError, RemoteProtocolError
+from ._events import (
+    NEED_DATA,
+    Data,
+    EndOfInput,
+    ErrorKind,
+    Output,
+    Request,
+    Result,
+    Status,
+)
+from ._header import encode_request
+from ._reply import ResultCodeFilter
+
+__all__ = ["ClientConnection", "ClientState"]
+
+
+class ClientState(enum.Enum):
+    """Where the sending half of a :class:`ClientConnection` is."""
+
+    IDLE = "idle"  #: nothing sent yet
+    SENDING = "sending"  #: header sent; payload may follow
+    SENT = "sent"  #: EndOfInput sent
+    DONE = "done"  #: the Result has been returned
+    ERROR = "error"  #: the caller misused the connection; every call fails
+
+
+class ClientConnection:
+    """One run of a script through a service (unix/tcp) or a child (fork).
+
+    Args:
+        dot: use dot framing, as Dovecot does for the tcp driver.
+        read_output: the caller wants the script's output.  With ``noreply``
+            and no output wanted the reply is not read at all: the socket is
+            closed after the payload and the run succeeds at once (as Dovecot).
+        empty_args: how to send an empty argument: ``"soh"`` or ``"reject"``.
+        stuff_bare_cr_dot: see :class:`DotEncoder`.
+        lenient_reset: a connection reset after a complete result code is
+            the script's verdict (default).  False reports it as an I/O error
+            like Dovecot (quirk Q8).
+        result_code: parse a result code (True, the default).  False is the
+            fork driver's mode: the whole stream is output and the adapter
+            decides the status from the exit code.
+    """
+
+    def __init__(
+        self,
+        *,
+        dot: bool = False,
+        read_output: bool = True,
+        empty_args: str = "soh",
+        stuff_bare_cr_dot: bool = True,
+        lenient_reset: bool = True,
+        result_code: bool = True,
+    ) -> None:
+        self.dot = dot
+        self.read_output = read_output
+        self._empty_args = empty_args
+        self._lenient_reset = lenient_reset
+        self._result_code = result_code
+        self._encoder = DotEncoder(stuff_bare_cr_dot=stuff_bare_cr_dot) if dot else None
+        self._decoder = DotDecoder() if dot else None
+        self._filter: ResultCodeFilter | None = None
+        self._noreply = False
+        self.state = ClientState.IDLE
+        self._incoming: deque[bytes] = deque()
+        self._eof = False
+        self._reset = False
+        self._result: Result | None = None
+
+    @property
+    def reads_reply(self) -> bool:
+        """Whether the adapter must read the reply (then half-close, not close)."""
+        return not (self._noreply and not self.read_output)
+
+    def send(self, event: Request | Data | EndOfInput) -> bytes:
+        """Return the bytes to write for *event*.
+
+        Raises:
+            LocalProtocolError: the event is not allowed in this state, or the
+                request cannot be encoded (see :func:`encode_request`).  The
+                connection then goes to ``ERROR``.
+        """
+        try:
+            return self._send(event)
+        except LocalProtocolError:
+            self.state = ClientState.ERROR
+            raise
+
+    def _send(self, event: Request | Data | EndOfInput) -> bytes:
+        state = self.state
+        if type(event) is Request and state is ClientState.IDLE:
+            header = encode_request(event, empty_args=self._empty_args)
+            self._noreply = event.noreply
+            if self._result_code and not event.noreply:
+                self._filter = ResultCodeFilter()
+            self.state = ClientState.SENDING
+            return header
+        if type(event) is Data and state is ClientState.SENDING:
+            return self._encoder.encode(event.data) if self._encoder else event.data
+        if type(event) is EndOfInput and state is ClientState.SENDING:
+            self.state = ClientState.SENT
+            if not self.reads_reply:
+                self._result = Result(Status.SUCCESS)
+            return self._encoder.finish() if self._encoder else b""
+        raise LocalProtocolError(f"cannot send {type(event).__name__} in state {state.name}")
+
+    def receive_data(self, data: bytes) -> None:
+        """Add bytes read from the connection; ``b""`` means EOF.
+
+        Raises:
+            LocalProtocolError: data after EOF, or before the request was sent.
+        """
+        if self._eof:
+            raise LocalProtocolError("data received after EOF")
+        if self.state is ClientState.IDLE or self.state is ClientState.ERROR:
+            raise LocalProtocolError(f"cannot receive data in state {self.state.name}")
+        if data:
+            self._incoming.append(bytes(data))
+        else:
+            self._eof = True
+
+    def receive_reset(self) -> None:
+        """Report that the peer reset the connection (ECONNRESET) while reading.
+
+        It ends the reply like EOF.  A complete result code already received
+        still counts (unless ``lenient_reset=False``); anything else becomes
+        an I/O error.
+        """
+        self.receive_data(b"")
+        self._reset = True
+
+    def next_event(self) -> Output | Result | type[NEED_DATA]:
+        """Return the next event: :class:`Output`, the final :class:`Result`, or NEED_DATA.
+
+        Treat it like ``next()`` on an iterator that may need feeding: call it
+        until it returns NEED_DATA (then read and :meth:`receive_data`) or a
+        Result (then the run is over; further calls raise).
+
+        Raises:
+            LocalProtocolError: called after the Result was returned.
+        """
+        if self.state is ClientState.DONE or self.state is ClientState.ERROR:
+            raise LocalProtocolError(f"no more events in state {self.state.name}")
+        if self._result is not None and not self._incoming:
+            return self._finish(self._result)
+        while self._incoming:
+            data = self._incoming.popleft()
+            if self._filter is not None:
+                data = self._filter.feed(data)
+            if self._decoder is not None and data:
+                data = self._decoder.decode(data)
+            if data:
+                return Output(data)
+        if not self._eof:
+            return NEED_DATA
+        return self._at_eof()
+
+    def _at_eof(self) -> Output | Result:
+        status = Status.SUCCESS
+        problems: list[str] = []
+        tail = b""
+        # Without a result code or a dot end line nothing vouches for completeness.
+        verdict_missing = self._filter is None and self._decoder is None
+        if self._filter is not None:
+            tail, verdict, detail = self._filter.finish()
+            self._filter = None
+            if verdict is None:
+                problems.append(detail)
+            else:
+                status = verdict
+        if self._decoder is not None:
+            if tail:
+                tail = self._decoder.decode(tail)
+            try:
+                self._decoder.finish()
+            except RemoteProtocolError as exc:
+                problems.append(exc.message)
+        if self._reset and (problems or not self._lenient_reset or verdict_missing):
+            # Without a complete result code a reset may have lost data.
+            result = Result(Status.INTERNAL_FAILURE, ErrorKind.IO, "connection reset by peer")
+        elif problems:
+            result = Result(Status.INTERNAL_FAILURE, ErrorKind.PROTOCOL, "; ".join(problems))
+        else:
+            result = Result(status)
+        self._result = result
+        if tail:
+            return Output(tail)
+        return self._finish(result)
+
+    def _finish(self, result: Result) -> Result:
+        self.state = ClientState.DONE
+        return result

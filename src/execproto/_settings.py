@@ -1,0 +1,407 @@
+"""Where a script runs: targets, URIs, ``execute`` settings and ``%{var}`` expansion.
+
+Mirrors Dovecot's ``program_client_settings_check()`` (target inference,
+PROTOCOL.md 9.2), ``program_client_create()`` (the ``unix:``/``tcp:``/``exec:``
+URIs, 9.5.1) and the part of the 2.4 variable expansion that ``args`` use
+(9.3).  Values are ``str``: they come from configuration text.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Union
+
+from ._errors import ConfigError
+
+__all__ = [
+    "DEFAULT_BASE_DIR",
+    "DRIVERS",
+    "ExecuteSettings",
+    "ForkTarget",
+    "Target",
+    "TcpTarget",
+    "UnixTarget",
+    "expand_args",
+    "expand_value",
+    "parse_hostport",
+    "parse_target",
+]
+
+#: Dovecot's usual run directory, the default ``base_dir``.
+DEFAULT_BASE_DIR = "/run/dovecot"
+#: The execute drivers, the first being the default.
+DRIVERS = ("unix", "fork", "tcp")
+
+
+@dataclass(frozen=True, slots=True)
+class UnixTarget:
+    """A ``script`` service on a UNIX socket.
+
+    Fields:
+        path: the socket path.
+    """
+
+    path: str
+
+    @property
+    def label(self) -> str:
+        """Dovecot's label for logs: ``unix:PATH``."""
+        return f"unix:{self.path}"
+
+
+@dataclass(frozen=True, slots=True)
+class TcpTarget:
+    """A ``script`` service on TCP (dot framing both ways).
+
+    Fields:
+        host: a host name or an IP literal (IPv6 without brackets).
+        port: 1..65535.
+    """
+
+    host: str
+    port: int
+
+    @property
+    def label(self) -> str:
+        """Dovecot's label for logs: ``tcp:HOST:PORT`` (``[v6]`` in brackets)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"tcp:{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ForkTarget:
+    """A program run directly by the client (fork + exec).
+
+    Fields:
+        path: the program; a name without ``/`` is searched in the default
+            search path (the environment has no PATH).
+    """
+
+    path: str
+
+    @property
+    def label(self) -> str:
+        """Dovecot 2.4's label for logs: ``fork:PATH`` (2.3 said ``exec:``)."""
+        return f"fork:{self.path}"
+
+
+#: Any of the three targets.
+Target = Union[UnixTarget, TcpTarget, ForkTarget]
+
+_PORT_RE = re.compile(r"[0-9]+")
+
+
+def parse_hostport(text: str, default_port: int = 0) -> tuple[str, int]:
+    """Split ``host[:port]`` like Dovecot's ``net_str2hostport()``.
+
+    ``[addr]`` and ``[addr]:port`` are IPv6 literals; text with exactly one
+    ``:`` is split there; text without ``:`` or with two or more is all host
+    (a bare IPv6 address) and gets *default_port*.
+
+    Raises:
+        ConfigError: a bad bracket form, or a port that is not 1..65535.
+    """
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0:
+            raise ConfigError(f"missing ']' in {text!r}")
+        host, rest = text[1:close], text[close + 1 :]
+    else:
+        colon = text.find(":")
+        if colon < 0 or ":" in text[colon + 1 :]:
+            return text, default_port
+        host, rest = text[:colon], text[colon:]
+    if not rest:
+        return host, default_port
+    if not rest.startswith(":"):
+        raise ConfigError(f"unexpected {rest!r} after ']' in {text!r}")
+    digits = rest[1:]
+    if _PORT_RE.fullmatch(digits) is None or len(digits) > 10 or not 0 < int(digits) <= 65535:
+        raise ConfigError(f"invalid port {digits!r} in {text!r}")
+    return host, int(digits)
+
+
+def _join_base(base_dir: str, path: str) -> str:
+    return path if path.startswith("/") else f"{base_dir}/{path}"
+
+
+def parse_target(uri: str, *, base_dir: str | None = None) -> Target:
+    """Parse a program-client URI: ``unix:PATH``, ``tcp:HOST:PORT``, ``exec:PATH``.
+
+    ``fork:PATH`` is accepted as an alias of ``exec:`` (Dovecot 2.4's label).
+    Dovecot uses a ``unix:`` path as given; pass *base_dir* to resolve a
+    relative one against it (as 2.3 quota warnings do for bare names).
+
+    Raises:
+        ConfigError: with Dovecot's message for an unknown scheme or a tcp
+            target without a valid non-zero port.
+    """
+    scheme, colon, rest = uri.partition(":")
+    if colon and scheme in ("exec", "fork"):
+        if not rest:
+            raise ConfigError(f"empty program path in {uri!r}")
+        return ForkTarget(rest)
+    if colon and scheme == "unix":
+        if not rest:
+            raise ConfigError(f"empty socket path in {uri!r}")
+        return UnixTarget(_join_base(base_dir, rest) if base_dir is not None else rest)
+    if colon and scheme == "tcp":
+        try:
+            host, port = parse_hostport(rest)
+        except ConfigError:
+            port = 0
+        if port == 0 or not host:
+            raise ConfigError(f"Invalid tcp syntax, must be host:port in '{rest}'")
+        return TcpTarget(host, port)
+    raise ConfigError(f"Unsupported program client scheme '{scheme}'")
+
+
+# --- %{...} expansion -------------------------------------------------------
+
+_NAME_RE = re.compile(r"[A-Za-z\x80-\U0010ffff][A-Za-z0-9_/;:.\-\x80-\U0010ffff]*")
+_SPACE_RE = re.compile(r"[ \t]*")
+_STRING_ESCAPES = {"\\": "\\", "'": "'", '"': '"', "t": "\t", "r": "\r", "n": "\n"}
+
+
+class _Expr:
+    """A cursor over one ``%{...}`` expression."""
+
+    def __init__(self, text: str, pos: int) -> None:
+        self.text = text
+        self.pos = pos
+
+    def skip_space(self) -> None:
+        m = _SPACE_RE.match(self.text, self.pos)
+        assert m is not None
+        self.pos = m.end()
+
+    def peek(self) -> str:
+        return self.text[self.pos : self.pos + 1]
+
+    def name(self) -> str:
+        self.skip_space()
+        m = _NAME_RE.match(self.text, self.pos)
+        if m is None:
+            raise ConfigError(f"expected a variable or filter name at {self.text[self.pos:]!r}")
+        self.pos = m.end()
+        return m.group()
+
+    def string(self) -> str:
+        quote = self.text[self.pos]
+        self.pos += 1
+        out: list[str] = []
+        while self.pos < len(self.text):
+            c = self.text[self.pos]
+            self.pos += 1
+            if c == quote:
+                return "".join(out)
+            if c != "\\":
+                out.append(c)
+                continue
+            e = self.text[self.pos : self.pos + 1]
+            if e in _STRING_ESCAPES:
+                out.append(_STRING_ESCAPES[e])
+                self.pos += 1
+            elif e == "x" and re.fullmatch(r"[0-9A-Fa-f]{2}", self.text[self.pos + 1 : self.pos + 3]):
+                out.append(chr(int(self.text[self.pos + 1 : self.pos + 3], 16)))
+                self.pos += 3
+            elif re.fullmatch(r"[0-7]{3}", self.text[self.pos : self.pos + 3]):
+                out.append(chr(int(self.text[self.pos : self.pos + 3], 8) & 0xFF))
+                self.pos += 3
+            else:
+                raise ConfigError(f"invalid escape '\\{e}' in a quoted string")
+        raise ConfigError("unterminated quoted string in %{...}")
+
+
+def _username(value: str) -> str:
+    return value.partition("@")[0]
+
+
+def _domain(value: str) -> str:
+    return value.partition("@")[2]
+
+
+_SIMPLE_FILTERS: dict[str, Callable[[str], str]] = {
+    "lower": lambda v: v.translate(str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ",
+                                                 "abcdefghijklmnopqrstuvwxyz")),
+    "upper": lambda v: v.translate(str.maketrans("abcdefghijklmnopqrstuvwxyz",
+                                                 "ABCDEFGHIJKLMNOPQRSTUVWXYZ")),
+    "username": _username,
+    "domain": _domain,
+}
+
+
+def _eval_expression(expr: _Expr, variables: Mapping[str, str]) -> str:
+    var = expr.name()
+    value: str | None = variables.get(var)
+    while True:
+        expr.skip_space()
+        c = expr.peek()
+        if c == "}":
+            expr.pos += 1
+            break
+        if c != "|":
+            raise ConfigError(f"expected '|' or '}}' in %{{...}} at {expr.text[expr.pos:]!r}")
+        expr.pos += 1
+        fname = expr.name()
+        expr.skip_space()
+        if fname == "default":
+            fallback = ""
+            if expr.peek() == "(":
+                expr.pos += 1
+                expr.skip_space()
+                if expr.peek() in ("'", '"'):
+                    fallback = expr.string()
+                else:
+                    ref = expr.name()
+                    if ref not in variables:
+                        raise ConfigError(f"unknown variable {ref!r} in default()")
+                    fallback = variables[ref]
+                expr.skip_space()
+                if expr.peek() != ")":
+                    raise ConfigError("expected ')' after the default() argument")
+                expr.pos += 1
+            if not value:
+                value = fallback
+            continue
+        func = _SIMPLE_FILTERS.get(fname)
+        if func is None:
+            raise ConfigError(f"unknown filter {fname!r} (supported: default, "
+                              f"{', '.join(sorted(_SIMPLE_FILTERS))})")
+        if value is None:
+            raise ConfigError(f"unknown variable {var!r}")
+        value = func(value)
+    if value is None:
+        raise ConfigError(f"unknown variable {var!r}")
+    return value
+
+
+def expand_value(template: str, variables: Mapping[str, str]) -> str:
+    """Expand ``%{...}`` in *template* with Dovecot 2.4's syntax (the subset args use).
+
+    ``%%{`` gives a literal ``%{``; any other ``%`` is literal.  Filters:
+    ``lower``, ``upper``, ``username``, ``domain``, ``default`` and
+    ``default('x')`` / ``default(var)``.
+
+    Raises:
+        ConfigError: an unknown variable (without a later ``default``), an
+            unknown filter, or a malformed expression.
+    """
+    out: list[str] = []
+    pos = 0
+    while True:
+        pct = template.find("%", pos)
+        if pct < 0:
+            out.append(template[pos:])
+            return "".join(out)
+        out.append(template[pos:pct])
+        if template.startswith("%%{", pct):
+            out.append("%{")
+            pos = pct + 3
+        elif template.startswith("%{", pct):
+            expr = _Expr(template, pct + 2)
+            try:
+                out.append(_eval_expression(expr, variables))
+            except IndexError:
+                raise ConfigError(f"unterminated %{{...}} in {template!r}") from None
+            pos = expr.pos
+        else:
+            out.append("%")
+            pos = pct + 1
+
+
+def expand_args(
+    template: str, variables: Mapping[str, str], *, split_first: bool = False
+) -> tuple[str, ...]:
+    """Turn an ``execute { args = ... }`` value into the argument list.
+
+    Dovecot expands the whole value, then splits it on spaces (runs of spaces
+    collapse, TAB is not a separator, no quoting): a variable whose value
+    contains spaces becomes several arguments, and one that expands to the
+    empty string disappears.  ``split_first=True`` splits the template first
+    and expands each token, so each variable stays exactly one argument
+    (not what Dovecot does; useful when values may contain spaces).
+
+    Raises:
+        ConfigError: see :func:`expand_value`.
+    """
+    if split_first:
+        return tuple(
+            expand_value(token, variables) for token in template.split(" ") if token
+        )
+    return tuple(p for p in expand_value(template, variables).split(" ") if p)
+
+
+@dataclass(frozen=True, slots=True)
+class ExecuteSettings:
+    """One ``execute NAME { ... }`` block (Dovecot 2.4).
+
+    Fields:
+        name: the block's name (``execute_name``).
+        driver: ``unix`` (default), ``fork`` or ``tcp``.
+        args: the unexpanded ``args`` value.
+        fork_path, unix_socket_path, tcp_host: default to values inferred
+            from *name* (see :meth:`target`).
+        tcp_port: 0 when unset.
+        line: where the block starts in its configuration text, if known.
+    """
+
+    name: str
+    driver: str = "unix"
+    args: str = ""
+    fork_path: str = ""
+    unix_socket_path: str = ""
+    tcp_host: str = ""
+    tcp_port: int = 0
+    line: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.driver not in DRIVERS:
+            raise ConfigError(
+                f"execute {self.name}: invalid driver {self.driver!r} "
+                f"(expected one of {', '.join(DRIVERS)})", self.line)
+        if not 0 <= self.tcp_port <= 65535:
+            raise ConfigError(f"execute {self.name}: invalid tcp_port {self.tcp_port}", self.line)
+
+    def target(self, *, base_dir: str = DEFAULT_BASE_DIR) -> Target:
+        """Infer the target as Dovecot's ``program_client_settings_check()`` does.
+
+        unix: ``unix_socket_path`` or else the name, prefixed with
+        ``base_dir + "/"`` unless absolute.  fork: ``fork_path`` or else the
+        name.  tcp: when ``tcp_host`` is empty the name is parsed as
+        ``host[:port]`` and its port *replaces* ``tcp_port`` (quirk Q17).
+
+        Raises:
+            ConfigError: with Dovecot's messages for an unparsable name or a
+                zero port.
+        """
+        if self.driver == "unix":
+            return UnixTarget(_join_base(base_dir, self.unix_socket_path or self.name))
+        if self.driver == "fork":
+            path = self.fork_path or self.name
+            if not path:
+                raise ConfigError("execute: empty fork_path and name", self.line)
+            return ForkTarget(path)
+        host, port = self.tcp_host, self.tcp_port
+        if not host and self.name:
+            try:
+                host, port = parse_hostport(self.name, 0)
+            except ConfigError:
+                raise ConfigError(
+                    f"Failed to parse execute_tcp_host:port from execute_name={self.name}",
+                    self.line) from None
+        if port == 0:
+            raise ConfigError(
+                "execute_tcp_port must not be 0 with execute_driver=tcp", self.line)
+        return TcpTarget(host, port)
+
+    def expand_args(
+        self, variables: Mapping[str, str], *, split_first: bool = False
+    ) -> tuple[str, ...]:
+        """The argument list for these settings; see :func:`expand_args`."""
+        try:
+            return expand_args(self.args, variables, split_first=split_first)
+        except ConfigError as exc:
+            raise ConfigError(f"execute {self.name}: args: {exc.message}", self.line) from None

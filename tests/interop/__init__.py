@@ -1,0 +1,1 @@
+"""Interop tests against a private, real Dovecot."""

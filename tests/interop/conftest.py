@@ -1,0 +1,67 @@
+"""Fixtures for tests against a private, real Dovecot.
+
+Without a Dovecot binary, Dovecot's ``script`` binary or root privileges the
+interop tests are skipped, unless the environment variable ``CI`` is set:
+then they fail, so they can never be skipped silently in CI.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from .dovecot import PrivateDovecot, ScriptService, dovecot_binary, script_binary
+
+StartDovecot = Callable[[Sequence[ScriptService]], PrivateDovecot]
+
+
+def _unavailable(reason: str) -> None:
+    if "CI" in os.environ:
+        pytest.fail(f"interop tests cannot run in CI: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def dovecot_path() -> str:
+    """Path of the ``dovecot`` binary; skips (fails under CI) if unusable."""
+    binary = dovecot_binary()
+    if binary is None:
+        _unavailable("dovecot binary not found")
+    if script_binary() is None:
+        _unavailable("Dovecot's script binary not found")
+    if os.geteuid() != 0:
+        _unavailable("a private Dovecot needs root")
+    assert binary is not None
+    return binary
+
+
+@pytest.fixture(scope="module")
+def start_dovecot(
+    dovecot_path: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[StartDovecot]:
+    """Return a function that starts a :class:`PrivateDovecot`.
+
+    Every instance started through it is stopped at the end of the module.
+    """
+    started: list[PrivateDovecot] = []
+
+    def start(services: Sequence[ScriptService]) -> PrivateDovecot:
+        dovecot = PrivateDovecot(
+            services, directory=tmp_path_factory.mktemp("dovecot"), binary=dovecot_path
+        )
+        started.append(dovecot)
+        dovecot.start()
+        return dovecot
+
+    yield start
+    for dovecot in started:
+        dovecot.stop()
+
+
+@pytest.fixture(scope="module")
+def module_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A temporary directory shared by the tests of one module."""
+    return tmp_path_factory.mktemp("interop")

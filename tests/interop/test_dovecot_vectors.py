@@ -1,0 +1,249 @@
+"""Check the conformance vectors and the service replies against real Dovecot.
+
+Every ``service_header`` vector of ``src/execproto/vectors.json`` (or, while
+that file does not exist, of ``sample_vectors.json`` next to this file) is sent
+to Dovecot's own ``script`` service, which runs the recorder script from
+``dovecot.py``. What the recorder saw (argv, environment, stdin) and the reply
+must equal the vector's ``expect``, or its ``dovecot.observed`` where the
+project deliberately differs from Dovecot 2.3.19. Vectors marked
+``"unchecked"`` are not collected.
+
+The CV-21/22/23 tests (PROTOCOL.md section 11.4) use small scripts written at
+test time instead. One Dovecot serves the whole module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import StartDovecot
+from .dovecot import RECORDER_OUTPUT, PrivateDovecot, ScriptService, write_recorder, write_script
+
+VECTORS = Path(__file__).parents[2] / "src/execproto/vectors.json"
+SAMPLE_VECTORS = Path(__file__).with_name("sample_vectors.json")
+TIMEOUT = 10.0
+CHUNK_PAUSE = 0.05
+VERSION = b"VERSION\tscript\t4\t0\n"
+
+Vector = dict[str, Any]
+ConfigKey = tuple[tuple[str, ...], bool, tuple[str, ...]]
+
+
+def latin1(text: str) -> bytes:
+    """Turn a vector byte string (code points <= U+00FF) into bytes."""
+    return text.encode("latin-1")
+
+
+def load_header_vectors() -> list[Vector]:
+    """Return the ``service_header`` vectors that can be sent to Dovecot."""
+    path = VECTORS if VECTORS.exists() else SAMPLE_VECTORS
+    data = json.loads(path.read_text(encoding="utf-8"))
+    assert data["format"] == "execproto-conformance", path
+    assert data["version"] == 1, path
+    return [
+        v for v in data["vectors"] if v["kind"] == "service_header" and v["dovecot"] != "unchecked"
+    ]
+
+
+def config_key(vector: Vector) -> ConfigKey:
+    """Return the service configuration a vector needs, as a hashable key."""
+    config = vector.get("config", {})
+    return (
+        tuple(config.get("env_allowlist", [])),
+        bool(config.get("passthrough", False)),
+        tuple(config.get("script_args", [])),
+    )
+
+
+HEADER_VECTORS = load_header_vectors()
+CONFIGS = sorted({config_key(v) for v in HEADER_VECTORS})
+
+# Scripts for the CV-21/22/23 tests. They read all of stdin first, so the
+# service never closes the socket with unread data (PROTOCOL.md 4.2.2).
+# /bin/cat: scripts run without PATH.
+SH_OUT = "#!/bin/sh\n/bin/cat >/dev/null\necho OUT\n"
+SCRIPTS = {
+    "exit-0": SH_OUT + "exit 0\n",
+    "exit-3": SH_OUT + "exit 3\n",
+    "not-executable": SH_OUT + "exit 0\n",
+    "plus": "#!/bin/sh\n/bin/cat >/dev/null\nprintf 'OUT\\n+\\n'\n",
+    "passthrough": '#!/bin/sh\necho "args:$#:$*"\nexec /bin/cat\n',
+}
+# The signal mask is inherited from the service and may block SIGTERM
+# (PROTOCOL.md 7.3), which a shell cannot undo, so this one is Python.
+SIGTERM_SCRIPT = """\
+import os, signal, sys
+sys.stdin.buffer.read()
+os.write(1, b"OUT\\n")
+signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])
+signal.signal(signal.SIGTERM, signal.SIG_DFL)
+os.kill(os.getpid(), signal.SIGTERM)
+"""
+
+
+@dataclass
+class Setup:
+    """The module's Dovecot and what the tests need to know about it."""
+
+    dovecot: PrivateDovecot
+    recorder: Path
+    # config key -> (service name, record directory)
+    recording: dict[ConfigKey, tuple[str, Path]]
+
+
+@pytest.fixture(scope="module")
+def setup(start_dovecot: StartDovecot, module_dir: Path) -> Setup:
+    """Start one Dovecot with a recorder service per config plus the script services."""
+    recorder = write_recorder(module_dir / "recorder.py")
+    services: list[ScriptService] = []
+    recording: dict[ConfigKey, tuple[str, Path]] = {}
+    for index, key in enumerate(CONFIGS):
+        allowlist, passthrough, script_args = key
+        name = f"vec-{index}"
+        records = module_dir / f"records-{index}"
+        records.mkdir()
+        recording[key] = (name, records)
+        services.append(
+            ScriptService(
+                name,
+                recorder,
+                args=(str(records), *script_args),
+                env_allowlist=allowlist,
+                passthrough=passthrough,
+            )
+        )
+    for name, text in SCRIPTS.items():
+        path = write_script(module_dir / f"{name}.sh", text, executable=name != "not-executable")
+        args = ("passthru",) if name == "passthrough" else ()
+        services.append(
+            ScriptService(
+                name,
+                path,
+                args=args,
+                passthrough=name == "passthrough",
+                inet_listener=name == "exit-0",
+            )
+        )
+    sigterm = write_script(module_dir / "sigterm.py", f"#!{sys.executable}\n{SIGTERM_SCRIPT}")
+    services.append(ScriptService("sigterm", sigterm))
+    return Setup(start_dovecot(services), recorder, recording)
+
+
+def exchange(address: Path | tuple[str, int], chunks: Sequence[bytes]) -> bytes:
+    """Send ``chunks`` with a short pause between them, half-close, read to EOF.
+
+    A connection the service drops early (EPIPE, ECONNRESET) is not an error:
+    the reply is whatever arrived before.
+    """
+    if isinstance(address, Path):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        target: str | tuple[str, int] = str(address)
+    else:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        target = address
+    with sock:
+        sock.settimeout(TIMEOUT)
+        sock.connect(target)
+        try:
+            for index, chunk in enumerate(chunks):
+                if index:
+                    time.sleep(CHUNK_PAUSE)
+                sock.sendall(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        with contextlib.suppress(OSError):  # ENOTCONN after a reset
+            sock.shutdown(socket.SHUT_WR)
+        reply = b""
+        with contextlib.suppress(ConnectionResetError):
+            while data := sock.recv(65536):
+                reply += data
+        return reply
+
+
+@pytest.mark.parametrize("vector", HEADER_VECTORS, ids=[v["id"] for v in HEADER_VECTORS])
+def test_service_header_vector(setup: Setup, vector: Vector) -> None:
+    want = vector["expect"] if vector["dovecot"] == "match" else vector["dovecot"]["observed"]
+    key = config_key(vector)
+    _, passthrough, script_args = key
+    name, records = setup.recording[key]
+    for old in records.iterdir():
+        old.unlink()
+
+    reply = exchange(setup.dovecot.socket_path(name), [latin1(c) for c in vector["input"]])
+    found = sorted(records.glob("record-*.json"))
+
+    if "error" in want:
+        # Dropped without reply, and the script never ran.
+        assert (reply, found) == (b"", [])
+        return
+    assert len(found) == 1, (reply, found)
+    record = json.loads(found[0].read_text())
+    argv = [latin1(a) for a in record["argv"]]
+    prefix = [str(setup.recorder), str(records), *script_args]
+    got = {
+        "argv_prefix": argv[: len(prefix)],
+        "args": argv[len(prefix) :],
+        "env": {latin1(k): latin1(v) for k, v in record["env"].items()},
+        "payload": latin1(record["stdin"]),
+        "reply": reply,
+    }
+    trailer = b"" if want["noreply"] or passthrough else b"+\n"
+    expected = {
+        "argv_prefix": [latin1(a) for a in prefix],
+        "args": [latin1(a) for a in want["args"]],
+        "env": {latin1(k): latin1(v) for k, v in want["env"].items()},
+        "payload": latin1(want["payload"]),
+        "reply": RECORDER_OUTPUT + trailer,
+    }
+    assert got == expected
+    if want["noreply"]:
+        # The service execs the script, so a pending alarm survives (2.5).
+        seconds = want["alarm"] or 0
+        assert record["alarm"] in (range(1, seconds + 1) if seconds else [0])
+
+
+@pytest.mark.parametrize(
+    ("service", "options", "reply", "log"),
+    [
+        ("exit-0", b"-", b"OUT\n+\n", None),
+        ("exit-3", b"-", b"OUT\n-\n", "Script terminated abnormally, exit status 3"),
+        ("sigterm", b"-", b"OUT\n-\n", "Script terminated abnormally, signal 15"),
+        ("not-executable", b"-", b"-\n", "not-executable.sh) failed: Permission denied"),
+        ("exit-3", b"noreply", b"OUT\n", "returned error 3"),
+    ],
+    ids=["exit-0", "exit-3", "sigterm", "not-executable", "noreply-exit-3"],
+)
+def test_cv21_exit_status(
+    setup: Setup, service: str, options: bytes, reply: bytes, log: str | None
+) -> None:
+    start = setup.dovecot.log_size()
+    request = VERSION + options + b"\n\n"
+    assert exchange(setup.dovecot.socket_path(service), [request]) == reply
+    if log is not None:
+        setup.dovecot.wait_log(log, start)
+
+
+def test_cv22_output_ending_in_plus(setup: Setup) -> None:
+    request = VERSION + b"-\n\n"
+    assert exchange(setup.dovecot.socket_path("plus"), [request]) == b"OUT\n+\n+\n"
+
+
+def test_cv23_passthrough(setup: Setup) -> None:
+    request = VERSION + b"-\nfoo\n\nD\n"
+    reply = exchange(setup.dovecot.socket_path("passthrough"), [request])
+    assert reply == b"args:1:passthru\n" + request
+
+
+def test_inet_listener(setup: Setup) -> None:
+    address = ("127.0.0.1", setup.dovecot.port("exit-0"))
+    assert exchange(address, [VERSION + b"-\n\n"]) == b"OUT\n+\n"
