@@ -60,6 +60,7 @@ from ._settings import (
     parse_hostport,
     parse_target,
 )
+from ._util import BytesLike
 
 __version__ = "0.1.0"
 
@@ -70,6 +71,7 @@ __all__ = [
     "DRIVERS",
     "NEED_DATA",
     "SCRIPT_MAJOR_VERSION",
+    "BytesLike",
     "ClientConnection",
     "ClientState",
     "ConfigError",

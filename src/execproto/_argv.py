@@ -18,7 +18,7 @@ def _no_nul(values: tuple[bytes, ...], what: str) -> tuple[bytes, ...]:
 
 
 def fork_argv(path: BytesLike, args: Iterable[BytesLike] = ()) -> tuple[bytes, ...]:
-    """argv of the fork driver: ``[path, *args]``.
+    """Argv of the fork driver: ``[path, *args]``.
 
     ``argv[0]`` is the path as configured, not its basename.  A path without
     ``/`` is looked up in the default search path by the adapter, since the
@@ -40,7 +40,7 @@ def service_argv(
     *,
     libexec_dir: BytesLike,
 ) -> tuple[bytes, ...]:
-    """argv of a script run by the service: ``[script, *service_args, *client_args]``.
+    """Argv of a script run by the service: ``[script, *service_args, *client_args]``.
 
     A relative *script* is prefixed with ``libexec_dir + "/"``, as the
     ``script`` binary does with Dovecot's libexec directory.

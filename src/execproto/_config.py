@@ -47,7 +47,7 @@ class ConfigSection:
         return default
 
     def walk(self) -> list[ConfigSection]:
-        """This section and every nested one, depth first, in text order."""
+        """Return this section and every nested one, depth first, in text order."""
         found = [self]
         for child in self.sections:
             found.extend(child.walk())

@@ -53,7 +53,7 @@ class DotEncoder:
             2.4.4 and older, which copy ``\\r.`` unchanged.
     """
 
-    __slots__ = ("_fix", "_finished", "_started", "_state")
+    __slots__ = ("_finished", "_fix", "_started", "_state")
 
     def __init__(self, *, stuff_bare_cr_dot: bool = True) -> None:
         self._fix = stuff_bare_cr_dot

@@ -27,7 +27,6 @@ says exactly where the payload starts.
 from __future__ import annotations
 
 import re
-from collections.abc import Collection
 from dataclasses import dataclass
 
 from ._errors import LocalProtocolError, RemoteProtocolError

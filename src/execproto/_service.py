@@ -159,7 +159,8 @@ class ServiceConnection:
             LocalProtocolError: no script is running.
         """
         if type(event) is not ScriptExited or self.state is not ServiceState.RUNNING:
-            raise LocalProtocolError(f"cannot send {type(event).__name__} in state {self.state.name}")
+            raise LocalProtocolError(
+                f"cannot send {type(event).__name__} in state {self.state.name}")
         assert self._request is not None
         self.state = ServiceState.DONE
         if not self._request.sends_result:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Union
 
 from ._errors import ConfigError
 
@@ -88,7 +87,7 @@ class ForkTarget:
 
 
 #: Any of the three targets.
-Target = Union[UnixTarget, TcpTarget, ForkTarget]
+Target = UnixTarget | TcpTarget | ForkTarget
 
 _PORT_RE = re.compile(r"[0-9]+")
 
@@ -204,8 +203,9 @@ class _Expr:
             if e in _STRING_ESCAPES:
                 out.append(_STRING_ESCAPES[e])
                 self.pos += 1
-            elif e == "x" and re.fullmatch(r"[0-9A-Fa-f]{2}", self.text[self.pos + 1 : self.pos + 3]):
-                out.append(chr(int(self.text[self.pos + 1 : self.pos + 3], 16)))
+            elif e == "x" and re.fullmatch(r"[0-9A-Fa-f]{2}", hex_digits := self.text[
+                    self.pos + 1 : self.pos + 3]):
+                out.append(chr(int(hex_digits, 16)))
                 self.pos += 3
             elif re.fullmatch(r"[0-7]{3}", self.text[self.pos : self.pos + 3]):
                 out.append(chr(int(self.text[self.pos : self.pos + 3], 8) & 0xFF))

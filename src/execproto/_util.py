@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Union
-
 __all__ = ["BytesLike", "Sentinel", "to_bytes"]
 
 #: What public APIs accept where the protocol carries bytes.  ``str`` is
 #: encoded as UTF-8 with ``surrogateescape`` (what ``os.fsencode`` does on
 #: Linux), so a name decoded from the file system round-trips.
-BytesLike = Union[bytes, bytearray, memoryview, str]
+BytesLike = bytes | bytearray | memoryview | str
 
 
 def to_bytes(value: BytesLike, what: str) -> bytes:

@@ -1,0 +1,462 @@
+"""What the three adapters share: results, listeners, spawning, policies.
+
+Everything here is flavour-neutral: no event loop, no blocking waits.  The
+adapters (``blocking``, ``asyncio``, ``trio``) only differ in how they wait
+for sockets, pipes and process exits.
+
+Processes are started with ``os.posix_spawn`` and waited for through a
+pidfd (Linux 5.3+), which every flavour can wait on like a socket: no
+SIGCHLD handler, no child watcher thread, and every child is reaped with
+``os.waitpid`` by the code that started it.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import socket
+import stat
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from execproto import (
+    DEFAULT_LIBEXEC_DIR,
+    DEFAULT_MAX_HEADER_BYTES,
+    BytesLike,
+    ErrorKind,
+    ForkTarget,
+    LocalProtocolError,
+    Result,
+    ScriptRequest,
+    ServiceConnection,
+    Status,
+    Target,
+    TcpTarget,
+    UnixTarget,
+    parse_target,
+)
+
+__all__ = [
+    "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_GRACE",
+    "DEFAULT_HEADER_TIMEOUT",
+    "DEFAULT_MAX_CONNECTIONS",
+    "KILL_TIMEOUT",
+    "UNIX_RETRY_INTERVAL",
+    "FdListener",
+    "Listener",
+    "RunResult",
+    "ServiceConfig",
+    "TcpListener",
+    "UnixListener",
+    "bind_listener",
+    "coerce_target",
+    "describe_connect_error",
+    "describe_returncode",
+    "env_bytes",
+    "exit_result",
+    "fork_result",
+    "listener_address",
+    "log_request",
+    "peer_label",
+    "resolve_program",
+    "sanitize_args",
+    "spawn",
+]
+
+#: Seconds to wait for a connection when the caller gives no connect timeout.
+DEFAULT_CONNECT_TIMEOUT = 10.0
+#: Dovecot retries a unix connect that fails with EAGAIN every 100 ms.
+UNIX_RETRY_INTERVAL = 0.1
+#: Seconds between SIGTERM and SIGKILL (Dovecot's KILL_TIMEOUT, 5000 ms).
+KILL_TIMEOUT = 5.0
+#: The service's header deadline (Dovecot's SCRIPT_READ_TIMEOUT_SECS).
+DEFAULT_HEADER_TIMEOUT = 10.0
+#: Scripts run at once by one service; more clients wait in the backlog.
+DEFAULT_MAX_CONNECTIONS = 64
+#: Seconds a stopping service lets running scripts finish before killing them.
+DEFAULT_GRACE = 10.0
+#: glibc's default search path, used when the environment has no PATH.
+DEFAULT_SEARCH_PATH = ("/bin", "/usr/bin")
+
+log = logging.getLogger("execproto")
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """The outcome of one run, in every flavour.
+
+    Fields:
+        status: SUCCESS, FAILURE or INTERNAL_FAILURE (Dovecot's values 1, 0, -1).
+        kind: why an INTERNAL_FAILURE happened (``ErrorKind.NONE`` otherwise).
+        detail: one human-readable line ("" on plain success).
+        output: the script's output, or None when it went to an ``output``
+            callback (or was not read).
+        target: the target's label (``unix:/path``, ``tcp:host:port``, ``fork:/path``).
+        returncode: the fork driver's child exit code (``-N`` for signal N),
+            else None.
+    """
+
+    status: Status
+    kind: ErrorKind = ErrorKind.NONE
+    detail: str = ""
+    output: bytes | None = None
+    target: str = ""
+    returncode: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when the script ran and reported success."""
+        return self.status is Status.SUCCESS
+
+    @classmethod
+    def from_result(
+        cls, result: Result, *, output: bytes | None, target: str, returncode: int | None = None
+    ) -> RunResult:
+        """Build a RunResult from the core's :class:`Result`."""
+        return cls(result.status, result.kind, result.detail, output, target, returncode)
+
+    @classmethod
+    def failure(cls, kind: ErrorKind, detail: str, *, target: str,
+                output: bytes | None = None) -> RunResult:
+        """An INTERNAL_FAILURE of the given kind."""
+        return cls(Status.INTERNAL_FAILURE, kind, detail, output, target)
+
+
+def coerce_target(target: Target | str, base_dir: str | None = None) -> Target:
+    """Accept a Target or a URI string (``unix:``, ``tcp:``, ``exec:``/``fork:``)."""
+    if isinstance(target, (UnixTarget, TcpTarget, ForkTarget)):
+        return target
+    if isinstance(target, str):
+        return parse_target(target, base_dir=base_dir)
+    raise LocalProtocolError(f"target must be a Target or a URI string, not {target!r}")
+
+
+def env_bytes(
+    env: Mapping[BytesLike, BytesLike] | Iterable[tuple[BytesLike, BytesLike]] | None,
+) -> dict[bytes, bytes]:
+    """The environment for a child: exactly *env*, nothing inherited."""
+    if env is None:
+        return {}
+    items = env.items() if isinstance(env, Mapping) else env
+    out: dict[bytes, bytes] = {}
+    for name, value in items:
+        n, v = _bytes(name), _bytes(value)
+        if not n or b"=" in n or b"\0" in n or b"\0" in v:
+            raise LocalProtocolError(f"invalid environment entry {n!r}")
+        out[n] = v
+    return out
+
+
+def _bytes(value: BytesLike) -> bytes:
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape")
+    return bytes(value)
+
+
+def resolve_program(path: bytes) -> bytes:
+    """Find *path* like ``execvp`` with an empty environment (quirk Q18).
+
+    A name without ``/`` is searched in ``/bin:/usr/bin``; if it is not found
+    there it is returned unchanged and the spawn fails with ENOENT.
+    """
+    if b"/" in path:
+        return path
+    for directory in DEFAULT_SEARCH_PATH:
+        candidate = os.path.join(os.fsencode(directory), path)
+        if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
+            return candidate
+    return path
+
+
+_ALL_SIGNALS = frozenset(
+    s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP)
+)
+
+
+def spawn(
+    argv: tuple[bytes, ...],
+    env: Mapping[bytes, bytes],
+    *,
+    stdin: int,
+    stdout: int,
+    stderr: int = 2,
+    executable: bytes | None = None,
+) -> int:
+    """Start *argv* with exactly *env* and fds 0, 1, 2 set; return its pid.
+
+    *executable* is the file to run (default ``argv[0]``).  The child starts
+    with an empty signal mask and default signal dispositions (Python
+    ignores SIGPIPE; Dovecot scripts sometimes inherit a blocked mask:
+    quirks Q11, Q12).  Only fds 0-2 reach it: every other descriptor Python
+    creates is close-on-exec.
+
+    Raises:
+        OSError: the program cannot be executed (ENOENT, EACCES...).
+
+    """
+    sources = (stdin, stdout, stderr)
+    if any(src in (0, 1, 2) and src != dst for dst, src in enumerate(sources)):
+        raise LocalProtocolError("spawn: a source descriptor must not be another of 0, 1, 2")
+    actions: list[tuple[int, int, int]] = []
+    for dst, src in enumerate(sources):
+        if src != dst:
+            actions.append((os.POSIX_SPAWN_DUP2, src, dst))
+        else:
+            # dup2(fd, fd) would not clear close-on-exec; make it inheritable.
+            os.set_inheritable(dst, True)
+    return os.posix_spawn(
+        executable or argv[0],
+        list(argv),
+        dict(env),
+        file_actions=actions,
+        setsigmask=(),
+        setsigdef=_ALL_SIGNALS,
+    )
+
+
+def exit_result(returncode: int | None, *, killed: bool = False) -> Status:
+    """Map a script's return code to the service's verdict (``+`` only for 0)."""
+    return Status.SUCCESS if returncode == 0 and not killed else Status.FAILURE
+
+
+def fork_result(returncode: int | None, *, killed_by_us: bool, target: str,
+                output: bytes | None, kind: ErrorKind = ErrorKind.NONE,
+                detail: str = "") -> RunResult:
+    """Map a fork-driver child's end to a RunResult (PROTOCOL.md 8.2)."""
+    if kind is not ErrorKind.NONE:
+        return RunResult(Status.INTERNAL_FAILURE, kind, detail, output, target, returncode)
+    if returncode is None:
+        return RunResult(Status.FAILURE, ErrorKind.NONE, detail or "child process never started",
+                         output, target, None)
+    if returncode == 0:
+        return RunResult(Status.SUCCESS, output=output, target=target, returncode=0)
+    if returncode > 0:
+        return RunResult(Status.FAILURE, ErrorKind.NONE,
+                         f"terminated with non-zero exit code {returncode}", output, target,
+                         returncode)
+    how = "forcibly terminated" if killed_by_us else "terminated abnormally"
+    return RunResult(Status.INTERNAL_FAILURE, ErrorKind.IO, f"{how} with signal {-returncode}",
+                     output, target, returncode)
+
+
+def describe_connect_error(label: str, exc: OSError) -> tuple[ErrorKind, str]:
+    """Turn a connect error into (kind, message), naming the path and the problem."""
+    if exc.errno == errno.EACCES and label.startswith("unix:"):
+        path = label[5:]
+        return ErrorKind.IO, (
+            f"net_connect_unix({path}) failed: permission denied (euid={os.geteuid()}, "
+            f"egid={os.getegid()}; {_missing_permission(path)})"
+        )
+    text = exc.strerror or str(exc)
+    return ErrorKind.IO, f"connect({label}) failed: {text}"
+
+
+def _missing_permission(path: str) -> str:
+    parts = path.split("/")
+    for i in range(2, len(parts)):
+        directory = "/".join(parts[:i]) or "/"
+        if not os.access(directory, os.X_OK):
+            return f"missing +x perm: {directory}"
+    if not os.access(path, os.W_OK):
+        return f"missing +w perm: {path}"
+    return "no permission"
+
+
+def describe_returncode(code: int | None) -> str:
+    """Say how a script ended, for the log: ``exit 3``, ``killed by signal 15``."""
+    if code is None:
+        return "not started"
+    if code < 0:
+        return f"killed by signal {-code}"
+    return f"exit {code}"
+
+
+def peer_label(listener: str | tuple[str, int], peer: object) -> str:
+    """Name the client of an accepted connection for the log."""
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host = f"[{peer[0]}]" if ":" in str(peer[0]) else str(peer[0])
+        return f"{host}:{peer[1]}"
+    return f"unix:{listener}"
+
+
+def listener_address(sock: socket.socket, spec: Listener) -> str | tuple[str, int]:
+    """The address a listener is reachable at: its path, or ``(host, port)``."""
+    if isinstance(spec, UnixListener):
+        return spec.path
+    name = sock.getsockname()
+    return name if isinstance(name, str) else (name[0], name[1])
+
+
+def log_request(
+    logger: logging.Logger, peer: str, request: ScriptRequest, how: str, duration: float
+) -> None:
+    """Write the one log line per request: peer, args (sanitized), outcome, duration."""
+    logger.info("%s: args=[%s] %s duration=%.3fs", peer, sanitize_args(request.args), how,
+                duration)
+
+
+def sanitize_args(args: Iterable[bytes], limit: int = 200) -> str:
+    """Render args for a log line: printable, escaped, length-limited."""
+    text = " ".join(repr(a)[2:-1] for a in args)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --- listeners --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UnixListener:
+    """A UNIX socket to listen on.
+
+    Fields:
+        path: the socket path.  A stale socket file (nothing accepting on it)
+            is replaced; a live one is an error.
+        mode: permissions of the socket file, applied before it becomes
+            visible under *path* (no window with a wider mode).
+    """
+
+    path: str
+    mode: int = 0o600
+
+
+@dataclass(frozen=True)
+class TcpListener:
+    """A TCP address to listen on (IPv4 or IPv6; port 0 picks a free port).
+
+    Fields:
+        host: an address such as ``127.0.0.1`` or ``::1``.
+        port: the port.
+    """
+
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class FdListener:
+    """An already listening socket, e.g. from systemd (``LISTEN_FDS``).
+
+    Fields:
+        fd: the descriptor; the service takes ownership of it.
+    """
+
+    fd: int
+
+
+#: Anything :func:`bind_listener` accepts.
+Listener = UnixListener | TcpListener | FdListener
+
+
+def _unix_alive(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except OSError as exc:
+        # EAGAIN (backlog full), EACCES...: someone is there.
+        return exc.errno not in (errno.ECONNREFUSED, errno.ENOENT)
+    finally:
+        probe.close()
+    return True
+
+
+def bind_listener(spec: Listener, backlog: int = 128) -> tuple[socket.socket, str | None]:
+    """Create the listening socket for *spec*.
+
+    Returns:
+        ``(sock, path)``: *path* is the unix socket file this call created
+        (to remove on stop), else None.
+
+    Raises:
+        OSError: the address is in use (a live unix socket included) or
+            cannot be bound.
+
+    """
+    if isinstance(spec, FdListener):
+        sock = socket.socket(fileno=spec.fd)
+        sock.listen(backlog)
+        return sock, None
+    if isinstance(spec, TcpListener):
+        family = socket.AF_INET6 if ":" in spec.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((spec.host, spec.port))
+            sock.listen(backlog)
+        except BaseException:
+            sock.close()
+            raise
+        return sock, None
+    path = spec.path
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+        if _unix_alive(path):
+            raise OSError(errno.EADDRINUSE, f"{path}: a service is already listening there")
+        os.unlink(path)
+    # Bind in a private directory, fix the mode, then rename into place:
+    # the socket is never reachable with a wider mode than requested.
+    parent = os.path.dirname(os.path.abspath(path))
+    private = tempfile.mkdtemp(prefix=".execproto-", dir=parent)
+    tmp_path = os.path.join(private, "s")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(tmp_path)
+        os.chmod(tmp_path, spec.mode)
+        sock.listen(backlog)
+        os.rename(tmp_path, path)
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        if os.path.lexists(tmp_path):
+            os.unlink(tmp_path)
+        os.rmdir(private)
+    return sock, path
+
+
+@dataclass
+class ServiceConfig:
+    """The settings of one service, shared by all flavours' ``serve()``.
+
+    Fields mirror ``serve()``'s keyword arguments; see there.
+    """
+
+    script: BytesLike
+    script_args: tuple[BytesLike, ...] = ()
+    env_allowlist: tuple[BytesLike, ...] = ()
+    passthrough: bool = False
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    libexec_dir: BytesLike = DEFAULT_LIBEXEC_DIR
+    grace: float = DEFAULT_GRACE
+    kill_timeout: float = KILL_TIMEOUT
+    logger: logging.Logger = field(default_factory=lambda: log)
+
+    def __post_init__(self) -> None:
+        # Validate once, at start-up, rather than on the first connection.
+        self.new_connection()
+        if self.max_connections < 1:
+            raise LocalProtocolError("max_connections must be at least 1")
+
+    def new_connection(self) -> ServiceConnection:
+        """A fresh core connection object with these settings."""
+        return ServiceConnection(
+            self.script,
+            self.script_args,
+            env_allowlist=self.env_allowlist,
+            passthrough=self.passthrough,
+            max_header_bytes=self.max_header_bytes,
+            libexec_dir=self.libexec_dir,
+        )
