@@ -26,6 +26,7 @@ from execproto import (
     DEFAULT_LIBEXEC_DIR,
     DEFAULT_MAX_HEADER_BYTES,
     BytesLike,
+    EnvLike,
     ErrorKind,
     ForkTarget,
     LocalProtocolError,
@@ -135,13 +136,12 @@ def coerce_target(target: Target | str, base_dir: str | None = None) -> Target:
     raise LocalProtocolError(f"target must be a Target or a URI string, not {target!r}")
 
 
-def env_bytes(
-    env: Mapping[BytesLike, BytesLike] | Iterable[tuple[BytesLike, BytesLike]] | None,
-) -> dict[bytes, bytes]:
+def env_bytes(env: EnvLike | None) -> dict[bytes, bytes]:
     """The environment for a child: exactly *env*, nothing inherited."""
     if env is None:
         return {}
-    items = env.items() if isinstance(env, Mapping) else env
+    items: Iterable[tuple[BytesLike, BytesLike]] = (
+        env.items() if isinstance(env, Mapping) else env)
     out: dict[bytes, bytes] = {}
     for name, value in items:
         n, v = _bytes(name), _bytes(value)

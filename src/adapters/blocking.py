@@ -19,7 +19,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import BinaryIO
 
 from execproto import (
@@ -30,6 +30,7 @@ from execproto import (
     ClientConnection,
     Data,
     EndOfInput,
+    EnvLike,
     ErrorKind,
     ForkTarget,
     Output,
@@ -71,7 +72,6 @@ from ._common import (
 __all__ = ["Service", "run", "serve"]
 
 Input = bytes | bytearray | memoryview | BinaryIO | Iterable[bytes] | None
-EnvArg = Mapping[BytesLike, BytesLike] | Iterable[tuple[BytesLike, BytesLike]] | None
 
 _CHUNK = 256 * 1024
 
@@ -154,7 +154,7 @@ def run(
     args: Iterable[BytesLike] = (),
     *,
     input: Input = None,
-    env: EnvArg = None,
+    env: EnvLike | None = None,
     noreply: bool = False,
     connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
     timeout: float | None = None,
@@ -360,7 +360,7 @@ def _run_fork(
     target: ForkTarget,
     args: Iterable[BytesLike],
     input: Input,
-    env: EnvArg,
+    env: EnvLike | None,
     timeout: float | None,
     output: Callable[[bytes], object] | None,
     read_output: bool,

@@ -22,7 +22,16 @@ Service side: :class:`ServiceConnection`.  Codecs: :func:`encode_request`,
 
 from ._argv import fork_argv, service_argv
 from ._client import ClientConnection, ClientState
-from ._config import ConfigSection, execute_settings, find_execute, parse_config
+from ._config import (
+    ConfigSection,
+    ScriptCommand,
+    ServiceSettings,
+    execute_settings,
+    find_execute,
+    find_service,
+    parse_config,
+    parse_script_command,
+)
 from ._dot import DotDecoder, DotEncoder
 from ._errors import ConfigError, LocalProtocolError, ProtocolError, RemoteProtocolError
 from ._escape import tab_escape, tab_unescape
@@ -60,7 +69,7 @@ from ._settings import (
     parse_hostport,
     parse_target,
 )
-from ._util import BytesLike
+from ._util import BytesLike, EnvLike
 
 __version__ = "0.1.0"
 
@@ -80,6 +89,7 @@ __all__ = [
     "DotDecoder",
     "DotEncoder",
     "EndOfInput",
+    "EnvLike",
     "ErrorKind",
     "ExecuteSettings",
     "ForkTarget",
@@ -92,9 +102,11 @@ __all__ = [
     "Request",
     "Result",
     "ResultCodeFilter",
+    "ScriptCommand",
     "ScriptExited",
     "ScriptRequest",
     "ServiceConnection",
+    "ServiceSettings",
     "ServiceState",
     "Status",
     "Target",
@@ -106,10 +118,12 @@ __all__ = [
     "expand_args",
     "expand_value",
     "find_execute",
+    "find_service",
     "fork_argv",
     "parse_config",
     "parse_env_allowlist",
     "parse_hostport",
+    "parse_script_command",
     "parse_target",
     "service_argv",
     "tab_escape",

@@ -14,9 +14,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ._errors import ConfigError
-from ._settings import ExecuteSettings
+from ._settings import DEFAULT_BASE_DIR, ExecuteSettings
 
-__all__ = ["ConfigSection", "execute_settings", "find_execute", "parse_config"]
+__all__ = [
+    "ConfigSection",
+    "ScriptCommand",
+    "ServiceSettings",
+    "execute_settings",
+    "find_execute",
+    "find_service",
+    "parse_config",
+    "parse_script_command",
+]
 
 _EXECUTE_KEYS = ("driver", "args", "fork_path", "unix_socket_path", "tcp_host", "tcp_port")
 
@@ -220,3 +229,128 @@ def find_execute(section: ConfigSection, name: str | None = None) -> ExecuteSett
             f"is allowed for now (previous: execute {blocks[0].name} {{ .. }})",
             blocks[1].line)
     return execute_settings(blocks[0])
+
+
+@dataclass(frozen=True, slots=True)
+class ScriptCommand:
+    """The ``script`` binary's command line, as a service's ``executable`` gives it.
+
+    Fields:
+        env_allowlist: names from every ``-e`` option (split on ``,``, space, TAB).
+        passthrough: ``-p`` was given.
+        script: the script path (relative: against the libexec directory).
+        script_args: the arguments after the script path.
+    """
+
+    env_allowlist: tuple[str, ...]
+    passthrough: bool
+    script: str
+    script_args: tuple[str, ...]
+
+
+def parse_script_command(words: list[str]) -> ScriptCommand:
+    """Parse ``script [-e NAMES]... [-p] SCRIPT [ARGS...]`` (PROTOCOL.md 7.1).
+
+    *words* start after the program name.  Options stop at the first
+    non-option, so options after the script path belong to the script.
+
+    Raises:
+        ConfigError: an unknown option, ``-e`` without a value, or no script
+            ("Missing script path").
+    """
+    allow: list[str] = []
+    passthrough = False
+    i = 0
+    while i < len(words) and words[i].startswith("-") and words[i] != "-":
+        word = words[i]
+        if word == "--":
+            i += 1
+            break
+        if word == "-p":
+            passthrough = True
+        elif word.startswith("-e"):
+            value = word[2:]
+            if not value:
+                i += 1
+                if i >= len(words):
+                    raise ConfigError("option -e needs a value")
+                value = words[i]
+            allow.extend(p for p in value.replace(",", " ").replace("\t", " ").split(" ") if p)
+        else:
+            raise ConfigError(f"unknown script option {word!r}")
+        i += 1
+    if i >= len(words):
+        raise ConfigError("Missing script path")
+    return ScriptCommand(tuple(allow), passthrough, words[i], tuple(words[i + 1 :]))
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSettings:
+    """A ``service NAME { ... }`` block that runs the ``script`` binary.
+
+    Fields:
+        name: the service name.
+        command: the parsed ``script`` command line.
+        unix_listeners: ``(path, mode)``; relative paths are joined to base_dir.
+        inet_listeners: ``(address, port)``; address ``*`` / ``::`` mean any.
+        line: where the block starts.
+    """
+
+    name: str
+    command: ScriptCommand
+    unix_listeners: tuple[tuple[str, int], ...]
+    inet_listeners: tuple[tuple[str, int], ...]
+    line: int
+
+
+def find_service(root: ConfigSection, name: str, *, base_dir: str | None = None) -> ServiceSettings:
+    """Read the script service *name* from a parsed dovecot.conf.
+
+    The command comes from ``executable`` (2.3 and 2.4) or ``execute``
+    (the 2.4 documentation's spelling), which must run ``script``.  Unix
+    listener paths are relative to *base_dir* (default: the config's
+    ``base_dir`` setting, else :data:`DEFAULT_BASE_DIR`).  An
+    ``inet_listener`` without ``address`` listens on the top-level ``listen``
+    addresses (default ``*, ::``).
+
+    Raises:
+        ConfigError: no such service, no script command, or a bad listener.
+    """
+    base = base_dir or root.get("base_dir") or DEFAULT_BASE_DIR
+    listen = [a.strip() for a in (root.get("listen") or "*, ::").split(",") if a.strip()]
+    for section in root.walk():
+        if section.kind != "service" or section.name != name:
+            continue
+        command_text = section.get("executable") or section.get("execute")
+        if not command_text:
+            raise ConfigError(f"service {name}: no 'executable = script ...' setting",
+                              section.line)
+        words = command_text.split()
+        if words[0].rsplit("/", 1)[-1] != "script":
+            raise ConfigError(f"service {name}: executable is {words[0]!r}, not the script "
+                              "binary", section.line)
+        try:
+            command = parse_script_command(words[1:])
+        except ConfigError as exc:
+            raise ConfigError(f"service {name}: {exc.message}", section.line) from None
+        unix: list[tuple[str, int]] = []
+        inet: list[tuple[str, int]] = []
+        for sub in section.sections:
+            if sub.kind == "unix_listener":
+                path = sub.get("path") or sub.name
+                if not path:
+                    raise ConfigError("unix_listener without a path", sub.line)
+                mode_text = sub.get("mode") or "0600"
+                if not all(c in "01234567" for c in mode_text) or len(mode_text) > 4:
+                    raise ConfigError(f"invalid unix_listener mode {mode_text!r}", sub.line)
+                unix.append((path if path.startswith("/") else f"{base}/{path}",
+                             int(mode_text, 8)))
+            elif sub.kind == "inet_listener":
+                port_text = sub.get("port") or ""
+                if not port_text.isdigit() or not 0 < int(port_text) <= 65535:
+                    raise ConfigError(f"invalid inet_listener port {port_text!r}", sub.line)
+                addresses = sub.get("address")
+                hosts = [a.strip() for a in addresses.split(",")] if addresses else listen
+                inet.extend((h, int(port_text)) for h in hosts if h)
+        return ServiceSettings(name, command, tuple(unix), tuple(inet), section.line)
+    raise ConfigError(f"no service {name} {{ .. }} block found")

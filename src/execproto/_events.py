@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from ._errors import LocalProtocolError
-from ._util import BytesLike, Sentinel, to_bytes
+from ._util import BytesLike, EnvLike, Sentinel, to_bytes
 
 __all__ = [
     "NEED_DATA",
@@ -68,10 +68,9 @@ def _args_tuple(values: Iterable[BytesLike], what: str) -> tuple[bytes, ...]:
     return tuple(to_bytes(v, what) for v in values)
 
 
-def _env_tuple(
-    env: Mapping[BytesLike, BytesLike] | Iterable[tuple[BytesLike, BytesLike]],
-) -> tuple[tuple[bytes, bytes], ...]:
-    items = env.items() if isinstance(env, Mapping) else env
+def _env_tuple(env: EnvLike) -> tuple[tuple[bytes, bytes], ...]:
+    items: Iterable[tuple[BytesLike, BytesLike]] = (
+        env.items() if isinstance(env, Mapping) else env)
     pairs = []
     for item in items:
         try:
@@ -101,7 +100,7 @@ class Request:
         self,
         *,
         args: Iterable[BytesLike] = (),
-        env: Mapping[BytesLike, BytesLike] | Iterable[tuple[BytesLike, BytesLike]] = (),
+        env: EnvLike = (),
         noreply: bool = False,
     ) -> None:
         object.__setattr__(self, "args", _args_tuple(args, "argument"))

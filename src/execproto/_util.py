@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-__all__ = ["BytesLike", "Sentinel", "to_bytes"]
+from collections.abc import Iterable, Mapping
+
+__all__ = ["BytesLike", "EnvLike", "Sentinel", "to_bytes"]
 
 #: What public APIs accept where the protocol carries bytes.  ``str`` is
 #: encoded as UTF-8 with ``surrogateescape`` (what ``os.fsencode`` does on
 #: Linux), so a name decoded from the file system round-trips.
 BytesLike = bytes | bytearray | memoryview | str
+
+#: An environment: a mapping (``dict[str, str]``, ``dict[bytes, bytes]``...)
+#: or ``(name, value)`` pairs, which keep order and may repeat a name.
+EnvLike = (
+    Mapping[str, BytesLike] | Mapping[bytes, BytesLike] | Iterable[tuple[BytesLike, BytesLike]]
+)
 
 
 def to_bytes(value: BytesLike, what: str) -> bytes:

@@ -1,0 +1,559 @@
+"""The ``execproto`` command: run, serve, demo, vectors.
+
+Exit status of ``execproto run``: 0 success, 1 failure (the script said
+``-``, exited non-zero or died of a signal), 75 (EX_TEMPFAIL) internal
+failure (cannot connect, timeout, protocol violation, truncated reply),
+64 (EX_USAGE) for an invalid target or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import glob
+import logging
+import os
+import signal
+import socket
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from execproto import (
+    DEFAULT_BASE_DIR,
+    DEFAULT_LIBEXEC_DIR,
+    DEFAULT_MAX_HEADER_BYTES,
+    NEED_DATA,
+    ClientConnection,
+    ConfigError,
+    Data,
+    EndOfInput,
+    LocalProtocolError,
+    Output,
+    Request,
+    Status,
+    Target,
+    TcpTarget,
+    UnixTarget,
+    __version__,
+    find_execute,
+    find_service,
+    parse_config,
+    parse_hostport,
+    parse_target,
+)
+
+from ._common import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_GRACE,
+    DEFAULT_HEADER_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    FdListener,
+    Listener,
+    RunResult,
+    TcpListener,
+    UnixListener,
+)
+
+__all__ = ["main"]
+
+EX_USAGE = 64
+EX_TEMPFAIL = 75
+ADAPTERS = ("blocking", "asyncio", "trio")
+SD_LISTEN_FDS_START = 3
+
+
+class UsageError(Exception):
+    """A bad command line or configuration: one line, exit 64."""
+
+
+# --- shared helpers ------------------------------------------------------------
+
+
+def _pairs(values: Sequence[str] | None, what: str) -> list[tuple[str, str]]:
+    pairs = []
+    for value in values or ():
+        name, eq, val = value.partition("=")
+        if not eq or not name:
+            raise UsageError(f"{what} expects NAME=VALUE, got {value!r}")
+        pairs.append((name, val))
+    return pairs
+
+
+def _read_config(path: str) -> Any:
+    base = Path(path).parent
+
+    def include(name: str) -> str:
+        pattern = name if os.path.isabs(name) else str(base / name)
+        return "\n".join(Path(p).read_text() for p in sorted(glob.glob(pattern)))
+
+    try:
+        return parse_config(Path(path).read_text(), include=include)
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    except ConfigError as exc:
+        raise UsageError(f"{path}: {exc.message}") from None
+
+
+def _call_flavour(adapter: str, name: str, /, *args: Any, **kwargs: Any) -> Any:
+    """Call ``execproto.adapters.<adapter>.<name>`` from synchronous code."""
+    if adapter == "blocking":
+        from . import blocking
+
+        return getattr(blocking, name)(*args, **kwargs)
+    if adapter == "asyncio":
+        import asyncio
+
+        from . import asyncio as aio_flavour
+
+        return asyncio.run(getattr(aio_flavour, name)(*args, **kwargs))
+    import trio
+
+    from . import trio as trio_flavour
+
+    return trio.run(functools.partial(getattr(trio_flavour, name), *args, **kwargs))
+
+
+# --- run -------------------------------------------------------------------------
+
+
+def _resolve_run_target(ns: argparse.Namespace) -> tuple[Target, list[str]]:
+    variables = dict(_pairs(ns.var, "--var"))
+    if ns.config:
+        root = _read_config(ns.config)
+        try:
+            settings = find_execute(root, ns.execute)
+            target = settings.target(base_dir=ns.base_dir or root.get("base_dir")
+                                     or DEFAULT_BASE_DIR)
+            args = list(settings.expand_args(variables))
+        except ConfigError as exc:
+            raise UsageError(f"{ns.config}: {exc.message}") from None
+        extra = ([ns.target] if ns.target else []) + ns.args
+        return target, args + extra
+    if not ns.target:
+        raise UsageError("run needs a TARGET (unix:PATH, tcp:HOST:PORT, exec:PATH) or --config")
+    try:
+        return parse_target(ns.target, base_dir=ns.base_dir), list(ns.args)
+    except ConfigError as exc:
+        raise UsageError(exc.message) from None
+
+
+def cmd_run(ns: argparse.Namespace) -> int:
+    """Run one script; stdin is the payload, stdout the output."""
+    target, args = _resolve_run_target(ns)
+    env = _pairs(ns.env, "--env")
+    stdin = sys.stdin.buffer if sys.stdin is not None else None
+    use_stdin = not ns.no_input and stdin is not None and not stdin.isatty()
+    out = sys.stdout.buffer
+
+    def write(chunk: bytes) -> None:
+        out.write(chunk)
+        out.flush()
+
+    try:
+        result: RunResult = _call_flavour(
+            ns.adapter, "run", target, args,
+            input=stdin if use_stdin else None,
+            env=env, noreply=ns.noreply, connect_timeout=ns.connect_timeout,
+            timeout=ns.timeout, output=write,
+        )
+    except LocalProtocolError as exc:
+        raise UsageError(exc.message) from None
+    if result.status is Status.SUCCESS:
+        return 0
+    if result.status is Status.FAILURE:
+        if result.detail:
+            print(f"execproto: {result.target}: {result.detail}", file=sys.stderr)
+        return 1
+    print(f"execproto: {result.target}: internal failure ({result.kind.value}): {result.detail}",
+          file=sys.stderr)
+    return EX_TEMPFAIL
+
+
+# --- serve -----------------------------------------------------------------------
+
+
+def _systemd_listeners() -> list[Listener]:
+    """Sockets passed by systemd socket activation (sd_listen_fds)."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    try:
+        count = int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return []
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    return [FdListener(SD_LISTEN_FDS_START + i) for i in range(count)]
+
+
+def _serve_settings(ns: argparse.Namespace) -> dict[str, Any]:
+    listeners: list[Listener] = []
+    allow: list[str] = []
+    for value in ns.e or ():
+        allow.extend(p for p in value.replace(",", " ").replace("\t", " ").split(" ") if p)
+    passthrough = ns.p
+    script, script_args = ns.script, list(ns.args)
+    if ns.config:
+        if not ns.service:
+            raise UsageError("--config needs --service NAME")
+        root = _read_config(ns.config)
+        try:
+            svc = find_service(root, ns.service, base_dir=ns.base_dir)
+        except ConfigError as exc:
+            raise UsageError(f"{ns.config}: {exc.message}") from None
+        allow.extend(svc.command.env_allowlist)
+        passthrough = passthrough or svc.command.passthrough
+        if script is None:
+            script, script_args = svc.command.script, list(svc.command.script_args) + script_args
+        listeners.extend(UnixListener(path, mode) for path, mode in svc.unix_listeners)
+        for host, port in svc.inet_listeners:
+            listeners.append(TcpListener({"*": "0.0.0.0"}.get(host, host), port))
+    if script is None:
+        raise UsageError("serve needs a SCRIPT (or --config FILE --service NAME)")
+    try:
+        mode = int(ns.mode, 8)
+    except ValueError:
+        raise UsageError(f"--mode expects an octal mode, got {ns.mode!r}") from None
+    listeners.extend(UnixListener(path, mode) for path in ns.unix or ())
+    for value in ns.tcp or ():
+        try:
+            host, port = parse_hostport(value, 0)
+        except ConfigError as exc:
+            raise UsageError(f"--tcp {value}: {exc.message}") from None
+        if not host:
+            raise UsageError(f"--tcp {value}: a host is needed (e.g. 127.0.0.1:{port})")
+        listeners.append(TcpListener(host, port))
+    listeners.extend(_systemd_listeners())
+    if not listeners:
+        raise UsageError("nothing to listen on: give --unix PATH, --tcp HOST:PORT, "
+                         "--config/--service, or run under systemd socket activation")
+    return dict(
+        listeners=listeners, script=script, script_args=script_args,
+        env_allowlist=allow, passthrough=passthrough, header_timeout=ns.header_timeout,
+        max_header_bytes=ns.max_header_bytes, max_connections=ns.max_connections,
+        libexec_dir=ns.libexec_dir, grace=ns.grace,
+    )
+
+
+def cmd_serve(ns: argparse.Namespace) -> int:
+    """Serve until SIGTERM or SIGINT."""
+    logging.basicConfig(level=getattr(logging, ns.log_level),
+                        format="%(asctime)s %(name)s: %(levelname)s: %(message)s")
+    settings = _serve_settings(ns)
+    if ns.adapter == "blocking":
+        _serve_blocking(settings)
+    elif ns.adapter == "asyncio":
+        _serve_asyncio(settings)
+    else:
+        _serve_trio(settings)
+    return 0
+
+
+def _serve_blocking(settings: dict[str, Any]) -> None:
+    from . import blocking
+    from ._common import ServiceConfig
+
+    listeners = settings.pop("listeners")
+    try:
+        service = blocking.Service(listeners, ServiceConfig(**settings))
+    except OSError as exc:
+        raise UsageError(f"cannot listen: {exc}") from None
+    stop = lambda *_: service.stop()  # noqa: E731
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    logging.getLogger("execproto").info("listening on %s", _addresses(service.addresses))
+    service.serve_forever()
+
+
+def _addresses(addresses: Sequence[object]) -> str:
+    return ", ".join(
+        f"{a[0]}:{a[1]}" if isinstance(a, tuple) else str(a) for a in addresses)
+
+
+def _serve_asyncio(settings: dict[str, Any]) -> None:
+    import asyncio
+
+    from . import asyncio as aio_flavour
+
+    async def main() -> None:
+        task = asyncio.ensure_future(aio_flavour.serve(
+            ready=lambda a: logging.getLogger("execproto").info("listening on %s", _addresses(a)),
+            **settings))
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+
+
+def _serve_trio(settings: dict[str, Any]) -> None:
+    import trio
+
+    from . import trio as trio_flavour
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                addresses = await nursery.start(functools.partial(trio_flavour.serve, **settings))
+                logging.getLogger("execproto").info("listening on %s", _addresses(addresses))
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    break
+
+    trio.run(main)
+
+
+# --- vectors ---------------------------------------------------------------------
+
+
+def cmd_vectors(ns: argparse.Namespace) -> int:
+    """Write the conformance vectors (JSON) to --out or stdout."""
+    data = resources.files("execproto").joinpath("vectors.json").read_bytes()
+    if ns.out:
+        Path(ns.out).write_bytes(data)
+    else:
+        sys.stdout.buffer.write(data)
+    return 0
+
+
+# --- demo ------------------------------------------------------------------------
+
+_DEMO_SCRIPT = '''#!{python}
+"""execproto demo script: echo args, env and the upper-cased payload."""
+import os, sys
+dot = sys.argv[1] == "--dot"
+args = sys.argv[2:]
+data = sys.stdin.buffer.read()
+if dot:  # behind tcp the payload is dot-encoded and the output must be too
+    from execproto import DotDecoder, DotEncoder
+    decoder = DotDecoder()
+    data = decoder.decode(data)
+    decoder.finish()
+# /proc tells the real environment (Python adds LC_CTYPE to os.environ itself).
+with open("/proc/self/environ", "rb") as f:
+    env = " ".join(sorted(e.decode() for e in f.read().split(b"\\0") if e))
+text = ("args: %r\\nenv: %s\\npayload: %s\\n" % (args, env or "(empty)",
+        data.decode("utf-8", "replace").upper())).encode()
+if dot:
+    encoder = DotEncoder()
+    text = encoder.encode(text) + encoder.finish()
+sys.stdout.buffer.write(text)
+'''
+
+
+def _show(data: bytes, limit: int = 400) -> str:
+    text = repr(data)[2:-1]
+    return text if len(text) <= limit else text[:limit] + f"... ({len(data)} bytes)"
+
+
+def _tap_exchange(target: Target, args: list[str], env: dict[str, str],
+                  payload: bytes) -> tuple[bytes, bytes, list[bytes], Any]:
+    """Run one request with the sans-IO core over a plain socket, keeping the wire bytes."""
+    if isinstance(target, UnixTarget):
+        sock = socket.socket(socket.AF_UNIX)
+        sock.settimeout(10)
+        sock.connect(target.path)
+    else:
+        assert isinstance(target, TcpTarget)
+        sock = socket.create_connection((target.host, target.port), timeout=10)
+    conn = ClientConnection(dot=isinstance(target, TcpTarget))
+    sent = conn.send(Request(args=args, env=env))
+    sent += conn.send(Data(data=payload)) + conn.send(EndOfInput())
+    received, outputs = b"", []
+    with sock:
+        sock.sendall(sent)
+        sock.shutdown(socket.SHUT_WR)
+        while True:
+            event = conn.next_event()
+            if event is NEED_DATA:
+                chunk = sock.recv(65536)
+                received += chunk
+                conn.receive_data(chunk)
+            elif isinstance(event, Output):
+                outputs.append(event.data)
+            else:
+                return sent, received, outputs, event
+
+
+def cmd_demo(ns: argparse.Namespace) -> int:
+    """Serve a sample script on a temporary unix socket and tcp port, run it three ways."""
+    from . import blocking
+    from ._common import ServiceConfig
+
+    quiet = logging.getLogger("execproto.demo")
+    quiet.addHandler(logging.NullHandler())
+    quiet.propagate = False
+    with tempfile.TemporaryDirectory(prefix="execproto-demo-") as tmp:
+        script = Path(tmp) / "demo-script"
+        script.write_text(_DEMO_SCRIPT.format(python=sys.executable))
+        script.chmod(0o755)
+        sock_path = str(Path(tmp) / "demo.sock")
+        unix_service = blocking.Service(
+            [UnixListener(sock_path)],
+            ServiceConfig(script=str(script), script_args=("--plain",),
+                          env_allowlist=("GREETING",), logger=quiet))
+        tcp_service = blocking.Service(
+            [TcpListener("127.0.0.1", 0)],
+            ServiceConfig(script=str(script), script_args=("--dot",),
+                          env_allowlist=("GREETING",), logger=quiet))
+        threads = [threading.Thread(target=s.serve_forever, daemon=True)
+                   for s in (unix_service, tcp_service)]
+        for thread in threads:
+            thread.start()
+        tcp_address = tcp_service.addresses[0]
+        assert isinstance(tcp_address, tuple)
+        host, port = tcp_address
+        args = ["alice", "two words", "tab\there"]
+        env: dict[str, str] = {"GREETING": "hello", "SECRET": "not on the allowlist"}
+        payload = b"Hello, world!\n.a line starting with a dot\n"
+        print("execproto demo: one script, three drivers")
+        print(f"script: {script} (prints its args, env and upper-cased payload)")
+        print(f"request: args={args!r} env={env!r} payload={payload!r}\n")
+        failures = 0
+        try:
+            for title, target in (
+                (f"unix (service on {sock_path}, -e GREETING)", UnixTarget(sock_path)),
+                (f"tcp (service on 127.0.0.1:{port}, -e GREETING, dot framing)",
+                 TcpTarget(str(host), int(port))),
+            ):
+                sent, received, outputs, result = _tap_exchange(target, args, env, payload)
+                print(f"== {title} ==")
+                print(f"  sent:     {_show(sent)}")
+                print(f"  received: {_show(received)}")
+                print(f"  output:   {_show(b''.join(outputs))}")
+                print(f"  result:   {result.status.name}\n")
+                failures += result.status is not Status.SUCCESS
+            fork = blocking.run(f"exec:{script}", ["--plain", *args], input=payload, env=env)
+            print("== fork (exec, no service; the whole env is what the client gives) ==")
+            print(f"  argv:     {[str(script), '--plain', *args]!r}")
+            print(f"  output:   {_show(fork.output or b'')}")
+            print(f"  result:   {fork.status.name} (exit code {fork.returncode})")
+            failures += fork.status is not Status.SUCCESS
+        finally:
+            for service in (unix_service, tcp_service):
+                service.stop()
+            for thread in threads:
+                thread.join(15)
+    print("\nall three drivers worked" if not failures else f"\n{failures} driver(s) failed")
+    return 0 if not failures else 1
+
+
+# --- argument parsing -------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``execproto`` command."""
+    parser = argparse.ArgumentParser(
+        prog="execproto",
+        description="Speak Dovecot's execute-scripts protocol: run scripts through a "
+                    "script service (unix, tcp) or directly (fork), or be the service.")
+    parser.add_argument("--version", action="version", version=f"execproto {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run", help="run one script",
+        description="Run one script. stdin is the payload (unless it is a terminal or "
+                    "--no-input), stdout receives the output. Exit status: 0 success, 1 failure, "
+                    "75 internal failure (connect, timeout, protocol), 64 usage error.")
+    run.add_argument("target", nargs="?", metavar="TARGET",
+                     help="unix:PATH, tcp:HOST:PORT, exec:PATH or fork:PATH "
+                          "(with --config: an extra argument)")
+    run.add_argument("args", nargs=argparse.REMAINDER, metavar="ARG",
+                     help="arguments for the script (appended to the config's args)")
+    run.add_argument("--config", metavar="FILE",
+                     help="take the target and args from an execute NAME { } block of a "
+                          "dovecot.conf (2.4 syntax)")
+    run.add_argument("--execute", metavar="NAME",
+                     help="which execute block (default: the only one at top level)")
+    run.add_argument("--var", action="append", metavar="NAME=VALUE",
+                     help="value for %%{NAME} in the config's args (repeatable)")
+    run.add_argument("--base-dir", metavar="DIR",
+                     help="directory for relative unix socket paths (config default: "
+                          f"base_dir or {DEFAULT_BASE_DIR})")
+    run.add_argument("--noreply", action="store_true",
+                     help="ask the service for no result code; success once sent")
+    run.add_argument("--env", action="append", metavar="NAME=VALUE",
+                     help="environment entry for the script (repeatable; the service keeps "
+                          "only its -e names)")
+    run.add_argument("--no-input", action="store_true", help="send no payload")
+    run.add_argument("--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT,
+                     metavar="S", help="seconds to connect (default %(default)s)")
+    run.add_argument("--timeout", type=float, default=None, metavar="S",
+                     help="total seconds for the run after connecting (default: none)")
+    run.add_argument("--adapter", choices=ADAPTERS, default="blocking",
+                     help="I/O flavour (default %(default)s)")
+    run.set_defaults(func=cmd_run)
+
+    serve = sub.add_parser(
+        "serve", help="serve a script like Dovecot's script service",
+        description="A stand-alone drop-in for Dovecot's script service. Stops cleanly on "
+                    "SIGTERM/SIGINT and removes its socket files. Honours systemd socket "
+                    "activation (LISTEN_FDS).")
+    serve.add_argument("script", nargs="?", metavar="SCRIPT",
+                       help="script path (relative: under --libexec-dir)")
+    serve.add_argument("args", nargs=argparse.REMAINDER, metavar="ARG",
+                       help="arguments placed before the client's")
+    serve.add_argument("--unix", action="append", metavar="PATH", help="listen on a unix socket")
+    serve.add_argument("--mode", default="0600", metavar="OCTAL",
+                       help="unix socket mode (default %(default)s)")
+    serve.add_argument("--tcp", action="append", metavar="HOST:PORT",
+                       help="listen on tcp ([::1]:PORT for IPv6)")
+    serve.add_argument("-e", action="append", metavar="NAMES",
+                       help="env names clients may set, comma/space separated (repeatable)")
+    serve.add_argument("-p", action="store_true",
+                       help="passthrough: the script reads the raw request, no result code")
+    serve.add_argument("--config", metavar="FILE",
+                       help="take script, args, -e/-p and listeners from a dovecot.conf")
+    serve.add_argument("--service", metavar="NAME", help="the service block to use with --config")
+    serve.add_argument("--base-dir", metavar="DIR",
+                       help="base of relative unix_listener paths with --config")
+    serve.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT,
+                       metavar="S", help="seconds for the whole header (default %(default)s)")
+    serve.add_argument("--max-header-bytes", type=int, default=DEFAULT_MAX_HEADER_BYTES,
+                       metavar="N", help="header size limit (default %(default)s)")
+    serve.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                       metavar="N", help="scripts run at once; others wait (default %(default)s)")
+    serve.add_argument("--libexec-dir", default=DEFAULT_LIBEXEC_DIR, metavar="DIR",
+                       help="base of a relative SCRIPT (default %(default)s)")
+    serve.add_argument("--grace", type=float, default=DEFAULT_GRACE, metavar="S",
+                       help="on stop, seconds running scripts get (default %(default)s)")
+    serve.add_argument("--log-level", default="INFO",
+                       choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    serve.add_argument("--adapter", choices=ADAPTERS, default="blocking",
+                       help="I/O flavour (default %(default)s)")
+    serve.set_defaults(func=cmd_serve)
+
+    demo = sub.add_parser("demo", help="show the protocol on all three drivers",
+                          description="Start a sample service on a temporary unix socket and a "
+                                      "loopback tcp port, run a sample script through the unix, "
+                                      "tcp and fork drivers and show what went over the wire.")
+    demo.set_defaults(func=cmd_demo)
+
+    vectors = sub.add_parser("vectors", help="write the conformance vectors (JSON)",
+                             description="Write the language-neutral conformance vectors.")
+    vectors.add_argument("--out", metavar="FILE", help="write to FILE instead of stdout")
+    vectors.set_defaults(func=cmd_vectors)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``execproto`` command; returns the exit status."""
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = ns.func
+    try:
+        return func(ns)
+    except UsageError as exc:
+        print(f"execproto {ns.command}: {exc}", file=sys.stderr)
+        return EX_USAGE
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # stdout closed (e.g. piped into head)
+        return EX_TEMPFAIL

@@ -1,0 +1,54 @@
+"""The README's Python examples run as written (those needing a live Dovecot only compile)."""
+
+from __future__ import annotations
+
+import re
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from execproto import Status
+from execproto.adapters import ServiceConfig, UnixListener
+from execproto.adapters.blocking import Service
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.DOTALL)
+
+
+def test_readme_has_examples() -> None:
+    assert len(BLOCKS) >= 4
+
+
+@pytest.mark.parametrize("index", range(len(BLOCKS)))
+def test_block_compiles(index: int) -> None:
+    compile(BLOCKS[index], f"README block {index}", "exec")
+
+
+@pytest.mark.parametrize(
+    "index", [i for i, block in enumerate(BLOCKS) if "/run/dovecot" not in block]
+)
+def test_block_runs(index: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    source = BLOCKS[index].replace("/tmp/x.sock", str(tmp_path / "x.sock"))
+    exec(compile(source, f"README block {index}", "exec"), {"__name__": "readme"})
+
+
+def test_sans_io_example_against_a_service(tmp_path: Path) -> None:
+    namespace: dict[str, Any] = {}
+    exec(compile(BLOCKS[0], "README block 0", "exec"), namespace)
+    path = str(tmp_path / "s.sock")
+    with Service([UnixListener(path)], ServiceConfig(script="/bin/cat")) as service:
+        thread = threading.Thread(target=service.serve_forever)
+        thread.start()
+        try:
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.settimeout(10)
+                sock.connect(path)
+                output, result = namespace["run_over"](sock, [], b"payload")
+        finally:
+            service.stop()
+            thread.join(20)
+    assert (output, result.status) == (b"payload", Status.SUCCESS)
