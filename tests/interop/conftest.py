@@ -8,17 +8,22 @@ then they fail, so they can never be skipped silently in CI.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
-from .dovecot import PrivateDovecot, ScriptService, dovecot_binary, script_binary
+from .dovecot import (
+    PrivateDovecot,
+    ScriptService,
+    StartDovecot,
+    dovecot_binary,
+    script_binary,
+)
 
-StartDovecot = Callable[[Sequence[ScriptService]], PrivateDovecot]
 
-
-def _unavailable(reason: str) -> None:
+def _unavailable(reason: str) -> NoReturn:
     if "CI" in os.environ:
         pytest.fail(f"interop tests cannot run in CI: {reason}", pytrace=False)
     pytest.skip(reason)
@@ -34,7 +39,6 @@ def dovecot_path() -> str:
         _unavailable("Dovecot's script binary not found")
     if os.geteuid() != 0:
         _unavailable("a private Dovecot needs root")
-    assert binary is not None
     return binary
 
 

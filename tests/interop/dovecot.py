@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -36,6 +36,7 @@ __all__ = [
     "RECORDER_SOURCE",
     "PrivateDovecot",
     "ScriptService",
+    "StartDovecot",
     "dovecot_binary",
     "libexec_dir",
     "script_binary",
@@ -44,7 +45,7 @@ __all__ = [
 ]
 
 START_TIMEOUT = 10.0
-"""Seconds to wait for every listener to accept connections."""
+"""Seconds to wait for every listener to be listening."""
 
 STOP_TIMEOUT = 10.0
 """Seconds to wait for the master to exit after SIGTERM."""
@@ -54,7 +55,7 @@ STRAY_TIMEOUT = 3.0
 
 # Dovecot splits `executable` on spaces and treats some characters specially
 # in its config syntax, so only plain words are allowed in generated lines.
-_PLAIN_WORD = re.compile(r"[A-Za-z0-9_./,:=+@%-]+")
+_PLAIN_WORD = re.compile(r"[A-Za-z0-9_./,:=+@-]+")
 
 
 def dovecot_binary() -> str | None:
@@ -167,17 +168,58 @@ def _free_port() -> int:
         return port
 
 
-def _group_gone(pgid: int, timeout: float) -> bool:
-    """Wait until process group ``pgid`` has no members (zombies included)."""
-    deadline = time.monotonic() + timeout
-    while True:
+def _listening() -> tuple[set[str], set[int]]:
+    """Return the unix socket paths and TCP ports that are listening.
+
+    A listening socket accepts connections (the kernel queues them), so this
+    tells when Dovecot is ready. Connecting instead would start a service
+    process per probe, which logs a Fatal line, runs ``-p`` scripts, and can
+    make the master throttle the service for seconds
+    ("command startup failed"). Reads Linux's /proc/net tables.
+    """
+    paths: set[str] = set()
+    # Columns: Num RefCount Protocol Flags Type St Inode [Path];
+    # Flags has __SO_ACCEPTCON (0x10000) set on listening sockets.
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) == 8 and int(fields[3], 16) & 0x10000:
+            paths.add(fields[7])
+    ports: set[int] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError):
+            # Columns: sl local_address rem_address st ...; st 0A is LISTEN.
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A":
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return paths, ports
+
+
+def _group_alive(pgid: int) -> bool:
+    """Tell whether process group ``pgid`` has a member that is not a zombie.
+
+    Zombies do not count: processes orphaned by the master's exit are
+    reaped by init, not by us.
+    """
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
+            # Fields after the parenthesised command: state ppid pgrp ...
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue  # the process is gone
+        if int(fields[2]) == pgid and fields[0] != "Z":
             return True
+    return False
+
+
+def _wait_group(pgid: int, timeout: float) -> bool:
+    """Wait until :func:`_group_alive` is false; return whether it became so."""
+    deadline = time.monotonic() + timeout
+    while _group_alive(pgid):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.02)
+    return True
 
 
 class PrivateDovecot:
@@ -187,9 +229,8 @@ class PrivateDovecot:
     It must run as root. If no directory is given, a temporary one is
     created and removed again by :meth:`stop`.
 
-    Readiness is checked by connecting to every listener, so the log holds
-    one ``Fatal: recv(MSG_PEEK) failed: disconnected`` line per listener
-    from startup; compare against :meth:`log_size` taken later.
+    :meth:`start` returns once every listener is listening (checked through
+    /proc, without connecting, so no service process is started).
     """
 
     def __init__(
@@ -202,7 +243,9 @@ class PrivateDovecot:
             raise ValueError("service names must be unique")
         self.services = list(services)
         self._own_directory = directory is None
-        self.directory = Path(tempfile.mkdtemp(prefix="dovecot-")) if directory is None else directory
+        self.directory = (
+            Path(tempfile.mkdtemp(prefix="dovecot-")) if directory is None else directory
+        )
         self.binary = binary or dovecot_binary() or "/usr/sbin/dovecot"
         self.base_dir = self.directory / "run"
         self.config_path = self.directory / "dovecot.conf"
@@ -299,8 +342,7 @@ class PrivateDovecot:
                 start_new_session=True,
             )
         deadline = time.monotonic() + START_TIMEOUT
-        pending = [s.name for s in self.services]
-        while pending:
+        while not self._ready():
             if self._process.poll() is not None:
                 log = self._startup_output()
                 self.stop()
@@ -309,24 +351,13 @@ class PrivateDovecot:
                 log = self._startup_output()
                 self.stop()
                 raise RuntimeError(f"dovecot listeners not ready in {START_TIMEOUT}s:\n{log}")
-            pending = [name for name in pending if not self._accepts(name)]
-            if pending:
-                time.sleep(0.05)
+            time.sleep(0.05)
 
-    def _accepts(self, name: str) -> bool:
-        targets: list[tuple[socket.AddressFamily, str | tuple[str, int]]] = [
-            (socket.AF_UNIX, str(self.socket_path(name)))
-        ]
-        if name in self.ports:
-            targets.append((socket.AF_INET, ("127.0.0.1", self.ports[name])))
-        for family, address in targets:
-            with socket.socket(family, socket.SOCK_STREAM) as probe:
-                probe.settimeout(1.0)
-                try:
-                    probe.connect(address)
-                except OSError:
-                    return False
-        return True
+    def _ready(self) -> bool:
+        paths, ports = _listening()
+        return all(str(self.socket_path(s.name)) in paths for s in self.services) and all(
+            port in ports for port in self.ports.values()
+        )
 
     def stop(self) -> None:
         """Stop the master: SIGTERM, bounded wait, then SIGKILL.
@@ -347,10 +378,10 @@ class PrivateDovecot:
             # Service processes may outlive the master for a moment (the log
             # process drains its input first). Give them a chance to exit on
             # their own, then kill what is left of the group.
-            if not _group_gone(process.pid, STRAY_TIMEOUT):
+            if not _wait_group(process.pid, STRAY_TIMEOUT):
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)
-                _group_gone(process.pid, STRAY_TIMEOUT)
+                _wait_group(process.pid, STRAY_TIMEOUT)
         if self._own_directory:
             shutil.rmtree(self.directory, ignore_errors=True)
 
@@ -367,6 +398,9 @@ class PrivateDovecot:
         self.stop()
 
 
+StartDovecot = Callable[[Sequence[ScriptService]], PrivateDovecot]
+"""Type of a function that starts a :class:`PrivateDovecot` for some services."""
+
 RECORDER_OUTPUT = b"recorded\n"
 """What the recorder writes to stdout before it exits with status 0."""
 
@@ -381,7 +415,6 @@ one line and exits 0. The environment is read from /proc/self/environ
 because Python adds LC_CTYPE to os.environ when the locale is C (PEP 538).
 """
 import json
-import contextlib
 import os
 import signal
 import sys
