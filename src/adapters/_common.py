@@ -57,6 +57,7 @@ __all__ = [
     "coerce_target",
     "describe_connect_error",
     "describe_returncode",
+    "drop_privileges",
     "env_bytes",
     "exit_result",
     "fork_result",
@@ -305,6 +306,39 @@ def sanitize_args(args: Iterable[bytes], limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def drop_privileges(user: str | None, group: str | None = None) -> None:
+    """Switch the whole process to *user* (and *group*) for good.
+
+    Called by the services after binding their listeners and before running
+    any script, so scripts never run as root when a user is given.  The
+    group defaults to the user's primary group; supplementary groups are
+    reset to the user's.
+
+    Raises:
+        LocalProtocolError: unknown user or group, or not running as root.
+    """
+    if user is None and group is None:
+        return
+    import grp
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(user) if user is not None else None
+        gid = grp.getgrnam(group).gr_gid if group is not None else (
+            entry.pw_gid if entry is not None else os.getgid())
+    except KeyError as exc:
+        raise LocalProtocolError(f"unknown user or group: {exc.args[0]}") from None
+    if os.geteuid() != 0:
+        raise LocalProtocolError("dropping privileges needs root")
+    if entry is not None:
+        os.initgroups(entry.pw_name, gid)
+    else:
+        os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    if entry is not None:
+        os.setresuid(entry.pw_uid, entry.pw_uid, entry.pw_uid)
+
+
 # --- listeners --------------------------------------------------------------
 
 
@@ -442,6 +476,8 @@ class ServiceConfig:
     libexec_dir: BytesLike = DEFAULT_LIBEXEC_DIR
     grace: float = DEFAULT_GRACE
     kill_timeout: float = KILL_TIMEOUT
+    user: str | None = None
+    group: str | None = None
     logger: logging.Logger = field(default_factory=lambda: log)
 
     def __post_init__(self) -> None:

@@ -60,6 +60,7 @@ from ._common import (
     coerce_target,
     describe_connect_error,
     describe_returncode,
+    drop_privileges,
     env_bytes,
     fork_result,
     listener_address,
@@ -515,6 +516,9 @@ class Service:
                 if path is not None:
                     self._paths.append(path)
                 self._names[sock.fileno()] = listener_address(sock, spec)
+            # Listeners are bound (privileged ports, root-owned dirs): now
+            # give up root before any script can run.
+            drop_privileges(config.user, config.group)
         except BaseException:
             self._close_listeners()
             raise
@@ -728,6 +732,8 @@ def serve(
     grace: float = DEFAULT_GRACE,
     ready: Callable[[Service], object] | None = None,
     logger: logging.Logger | None = None,
+    user: str | None = None,
+    group: str | None = None,
 ) -> None:
     """Serve *script* on *listeners* until the Service is stopped.
 
@@ -746,7 +752,9 @@ def serve(
         ready: called with the :class:`Service` once it listens (use its
             ``addresses`` and ``stop()``).
         logger: where the one-line-per-request log goes (``execproto``).
-
+        user: when started as root, switch to this user once the listeners
+            are bound, before any script runs.
+        group: with *user*, this group instead of the user's primary group.
     """
     config = ServiceConfig(
         script=script,
@@ -759,6 +767,8 @@ def serve(
         libexec_dir=libexec_dir,
         grace=grace,
         logger=logger or logging.getLogger("execproto"),
+        user=user,
+        group=group,
     )
     with Service(listeners, config) as service:
         if ready is not None:

@@ -236,7 +236,7 @@ def _serve_settings(ns: argparse.Namespace) -> dict[str, Any]:
         listeners=listeners, script=script, script_args=script_args,
         env_allowlist=allow, passthrough=passthrough, header_timeout=ns.header_timeout,
         max_header_bytes=ns.max_header_bytes, max_connections=ns.max_connections,
-        libexec_dir=ns.libexec_dir, grace=ns.grace,
+        libexec_dir=ns.libexec_dir, grace=ns.grace, user=ns.user, group=ns.group,
     )
 
 
@@ -263,6 +263,8 @@ def _serve_blocking(settings: dict[str, Any]) -> None:
         service = blocking.Service(listeners, ServiceConfig(**settings))
     except OSError as exc:
         raise UsageError(f"cannot listen: {exc}") from None
+    except LocalProtocolError as exc:
+        raise UsageError(exc.message) from None
     stop = lambda *_: service.stop()  # noqa: E731
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -524,6 +526,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="base of a relative SCRIPT (default %(default)s)")
     serve.add_argument("--grace", type=float, default=DEFAULT_GRACE, metavar="S",
                        help="on stop, seconds running scripts get (default %(default)s)")
+    serve.add_argument("--user", metavar="USER",
+                       help="when started as root: run as USER once listening (scripts too)")
+    serve.add_argument("--group", metavar="GROUP",
+                       help="with --user: this group instead of USER's primary group")
     serve.add_argument("--log-level", default="INFO",
                        choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     serve.add_argument("--adapter", choices=ADAPTERS, default="blocking",

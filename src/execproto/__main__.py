@@ -1,5 +1,9 @@
-"""``python -m execproto``: the command line (it lives in the adapters)."""
+"""``python -m execproto``: the command line, which lives in the adapters.
 
-from execproto.adapters.cli import main
+Imported by name because ``execproto.adapters`` exists only once installed
+(``src/adapters`` is mapped there), and the core never imports it statically.
+"""
 
-raise SystemExit(main())
+import importlib
+
+raise SystemExit(importlib.import_module("execproto.adapters.cli").main())
