@@ -117,9 +117,13 @@ def parse_hostport(text: str, default_port: int = 0) -> tuple[str, int]:
     if not rest.startswith(":"):
         raise ConfigError(f"unexpected {rest!r} after ']' in {text!r}")
     digits = rest[1:]
-    if _PORT_RE.fullmatch(digits) is None or len(digits) > 10 or not 0 < int(digits) <= 65535:
-        raise ConfigError(f"invalid port {digits!r} in {text!r}")
-    return host, int(digits)
+    # Any run of digits, as net_str2port(): leading zeros are fine.  Strip
+    # them before int() so a huge digit string cannot hit int()'s limit.
+    significant = digits.lstrip("0")
+    if _PORT_RE.fullmatch(digits) is None or len(significant) > 5 or not 0 < int(
+            significant or "0") <= 65535:
+        raise ConfigError(f"invalid port {digits[:20]!r} in {text[:80]!r}")
+    return host, int(significant)
 
 
 def _join_base(base_dir: str, path: str) -> str:
