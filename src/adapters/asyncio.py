@@ -542,15 +542,11 @@ async def _run_fork(
 ) -> RunResult:
     label = target.label
     deadline = None if timeout is None else time.monotonic() + timeout
-    collected: list[bytes] | None = None if output is not None else []
+    collected: list[bytes] | None = [] if want_output and output is None else None
     fds: list[int] = []
-
-    def new_fd(fd: int) -> int:
-        fds.append(fd)
-        return fd
-
     try:
-        null = new_fd(os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC))
+        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        fds.append(null)
         in_r, in_w = (null, -1) if input is None else os.pipe()
         out_r, out_w = os.pipe() if want_output else (-1, null)
         fds.extend(fd for fd in (in_r, in_w, out_r, out_w) if fd not in (-1, null))
@@ -558,7 +554,7 @@ async def _run_fork(
             pid = spawn(argv, environ, stdin=in_r, stdout=out_w,
                         executable=resolve_program(argv[0]))
         except OSError as exc:
-            return fork_result(None, killed_by_us=False, target=label, output=b"",
+            return fork_result(None, killed_by_us=False, target=label, output=_joined(collected),
                                detail=f"execvp({target.path}) failed: {exc.strerror}")
         for fd in (in_r, out_w):
             if fd != null:
@@ -572,26 +568,20 @@ async def _run_fork(
             os.waitpid(pid, 0)  # noqa: ASYNC222 (SIGKILLed)
             raise
         try:
-            killed = False
             reader = _read_pipe(out_r, output, collected) if want_output else None
             writer = _feed_pipe(in_w, _Payload(input), fds) if input is not None else None
-            kind, detail = ErrorKind.NONE, ""
-            if reader is not None or writer is not None:
-                try:
-                    if reader is not None:
-                        await _both(reader, writer, deadline, wait_side=True)
-                    elif writer is not None:
-                        await _both(writer, None, deadline)
-                except _Timeout:
-                    kind, detail = ErrorKind.RUN_TIMEOUT, "execution timed out"
+            with contextlib.suppress(_Timeout):
+                if reader is not None:
+                    await _both(reader, writer, deadline, wait_side=True)
+                elif writer is not None:
+                    await _both(writer, None, deadline)
             returncode: int | None = None
-            if kind is ErrorKind.NONE:
-                left = _left(deadline)
-                if left is None or left > 0:
-                    returncode = await _wait_pid(pid, pidfd, left)
-                if returncode is None:
-                    kind, detail = ErrorKind.RUN_TIMEOUT, f"execution timed out (> {timeout} s)"
+            left = _left(deadline)
+            if left is None or left > 0:
+                returncode = await _wait_pid(pid, pidfd, left)
+            kind, detail, killed = ErrorKind.NONE, "", False
             if returncode is None:
+                kind, detail = ErrorKind.RUN_TIMEOUT, f"execution timed out (> {timeout} s)"
                 returncode = await _terminate(pid, pidfd, KILL_TIMEOUT)
                 killed = True
         except BaseException:

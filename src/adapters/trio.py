@@ -36,6 +36,7 @@ from collections.abc import (
     Awaitable,
     Callable,
     Iterable,
+    Iterator,
     Sequence,
 )
 from typing import Any, BinaryIO
@@ -155,24 +156,52 @@ class _Sink:
         return b"".join(self.chunks) if self.chunks is not None else None
 
 
+def _sole_cancelled(exc: BaseException) -> trio.Cancelled | None:
+    """The Cancelled in *exc* if it is one, or a group of nothing but Cancelled."""
+    while not isinstance(exc, trio.Cancelled):
+        inner = getattr(exc, "exceptions", None)  # an exception group (or MultiError)
+        if not inner or not all(_sole_cancelled(e) is not None for e in inner):
+            return None
+        exc = inner[0]
+    return exc
+
+
+@contextlib.contextmanager
+def _plain_cancellation() -> Iterator[None]:
+    """Let a cancellation leave an internal nursery as a plain ``trio.Cancelled``.
+
+    With strict exception groups (trio's default since 0.25) a nursery wraps
+    the Cancelled of its tasks in a group; callers of run() and serve() get
+    the cancellation itself, like from any other trio function.
+    """
+    try:
+        yield
+    except BaseException as exc:
+        cancelled = _sole_cancelled(exc)
+        if cancelled is None or cancelled is exc:
+            raise
+        raise cancelled from None
+
+
 async def _concurrently(*tasks: Callable[[], Awaitable[None]]) -> None:
     """Run *tasks* at once; the first error cancels the others and is re-raised as is.
 
     Errors are caught inside the tasks so that they leave the nursery
-    unwrapped, whatever trio's ``strict_exception_groups`` default is.
+    unwrapped, whatever trio's ``strict_exception_groups`` setting is.
     """
     errors: list[Exception] = []
-    async with trio.open_nursery() as nursery:
+    with _plain_cancellation():
+        async with trio.open_nursery() as nursery:
 
-        async def guarded(task: Callable[[], Awaitable[None]]) -> None:
-            try:
-                await task()
-            except Exception as exc:
-                errors.append(exc)
-                nursery.cancel_scope.cancel()
+            async def guarded(task: Callable[[], Awaitable[None]]) -> None:
+                try:
+                    await task()
+                except Exception as exc:
+                    errors.append(exc)
+                    nursery.cancel_scope.cancel()
 
-        for task in tasks:
-            nursery.start_soon(guarded, task)
+            for task in tasks:
+                nursery.start_soon(guarded, task)
     if errors:
         raise errors[0]
 
@@ -678,7 +707,7 @@ async def open_run(
     send, receive = channel
     stream = RunStream(receive)
     body_error: BaseException | None = None
-    with receive:
+    with receive, _plain_cancellation():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(stream._produce, begin, send)
             try:
@@ -963,4 +992,5 @@ async def serve(
         user=user,
         group=group,
     )
-    await _Service(listeners, config).serve(task_status)
+    with _plain_cancellation():
+        await _Service(listeners, config).serve(task_status)

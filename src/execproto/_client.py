@@ -100,7 +100,7 @@ class ClientConnection:
         self._filter: ResultCodeFilter | None = None
         self._noreply = False
         self.state = ClientState.IDLE
-        self._incoming: deque[bytes] = deque()
+        self._ready: deque[bytes] = deque()  # output not yet returned by next_event
         self._eof = False
         self._reset = False
         self._result: Result | None = None
@@ -152,10 +152,16 @@ class ClientConnection:
             raise LocalProtocolError("data received after EOF")
         if self.state is ClientState.IDLE or self.state is ClientState.ERROR:
             raise LocalProtocolError(f"cannot receive data in state {self.state.name}")
-        if data:
-            self._incoming.append(bytes(data))
-        else:
+        if not data:
             self._eof = True
+            return
+        # Filter at once: next_event() then only hands out what is ready.
+        if self._filter is not None:
+            data = self._filter.feed(data)
+        if self._decoder is not None and data:
+            data = self._decoder.decode(data)
+        if data:
+            self._ready.append(bytes(data))
 
     def receive_reset(self) -> None:
         """Report that the peer reset the connection (ECONNRESET) while reading.
@@ -179,16 +185,10 @@ class ClientConnection:
         """
         if self.state is ClientState.DONE or self.state is ClientState.ERROR:
             raise LocalProtocolError(f"no more events in state {self.state.name}")
-        if self._result is not None and not self._incoming:
+        if self._ready:
+            return Output(self._ready.popleft())
+        if self._result is not None:
             return self._finish(self._result)
-        while self._incoming:
-            data = self._incoming.popleft()
-            if self._filter is not None:
-                data = self._filter.feed(data)
-            if self._decoder is not None and data:
-                data = self._decoder.decode(data)
-            if data:
-                return Output(data)
         if not self._eof:
             return NEED_DATA
         return self._at_eof()

@@ -30,12 +30,15 @@ chunking, and the same output for every chunking.
 from __future__ import annotations
 
 import enum
+import re
 
 from ._errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = ["DotDecoder", "DotEncoder"]
 
 _CR, _LF, _DOT = 0x0D, 0x0A, 0x2E
+# One regex pass stuffs dots faster than bytes.replace with a 2-byte pattern.
+_DOT_LINE = re.compile(rb"\n\.")
 
 
 class _EncState(enum.Enum):
@@ -90,22 +93,23 @@ class DotEncoder:
         rest = data[i:] if i else data
         if not rest:
             return prefix
-        if b"\r" not in rest:
-            out = rest.replace(b"\n", b"\r\n")
-            if b"\n." in out:
-                out = out.replace(b"\n.", b"\n..")
+        last = rest[-1]
+        if b"\r" not in rest:  # LF text
+            out = _DOT_LINE.sub(b"\n..", rest).replace(b"\n", b"\r\n")
+        elif last != _CR and (lf := rest.count(b"\n")) == rest.count(b"\r") == rest.count(
+                b"\r\n"):
+            # CRLF text (every CR starts a CRLF, every LF ends one): only
+            # dots to stuff.  A final CR could start a CRLF split across chunks.
+            out = _DOT_LINE.sub(b"\n..", rest) if lf else rest
         else:
             # Work in "LF space": every CRLF becomes LF, so every CR left is
             # bare; stuff dots there, then turn every LF back into CRLF.
-            s = rest.replace(b"\r\n", b"\n")
-            if b"\n." in s:
-                s = s.replace(b"\n.", b"\n..")
+            s = _DOT_LINE.sub(b"\n..", rest.replace(b"\r\n", b"\n"))
             if self._fix and b"\r." in s:
                 # A bare CR before a dot is a line break: in LF space "\n..",
                 # which becomes "\r\n.." below.
                 s = s.replace(b"\r.", b"\n..")
             out = s.replace(b"\n", b"\r\n")
-        last = rest[-1]
         self._state = (
             _EncState.BOL if last == _LF else _EncState.CR if last == _CR else _EncState.MID
         )

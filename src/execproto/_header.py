@@ -157,15 +157,23 @@ def check_version_line(line: bytes) -> int:
     )
 
 
-def parse_header_text(text: bytes, header_size: int) -> ParsedHeader:
+def parse_header_text(
+    text: bytes, header_size: int, *, version_minor: int | None = None
+) -> ParsedHeader:
     """Interpret a complete header (without its final LF LF), as Dovecot does.
+
+    Args:
+        text: the header.
+        header_size: reported back in the result.
+        version_minor: the result of an earlier :func:`check_version_line`
+            on the first line, if the caller already ran it.
 
     Raises:
         RemoteProtocolError: a fatal condition of PROTOCOL.md 2.10.
     """
     # The service treats the header as one C string: a NUL ends it (Q4).
     lines = _c_string(text).split(b"\n")
-    minor = check_version_line(lines[0])
+    minor = check_version_line(lines[0]) if version_minor is None else version_minor
     alarm: int | None = None
     env: list[tuple[bytes, bytes]] = []
     noreply = False
@@ -206,7 +214,7 @@ class HeaderParser:
     in :attr:`trailing_data` and never interpreted.
     """
 
-    __slots__ = ("_buf", "_first_line_checked", "_max", "_scanned", "result", "trailing_data")
+    __slots__ = ("_buf", "_max", "_minor", "_scanned", "result", "trailing_data")
 
     def __init__(self, *, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> None:
         if max_header_bytes < len(_VERSION_LINE) + 1:
@@ -214,7 +222,7 @@ class HeaderParser:
         self._max = max_header_bytes
         self._buf = bytearray()
         self._scanned = 0  # LF LF is not in _buf[:_scanned + 1]
-        self._first_line_checked = False
+        self._minor: int | None = None  # set once the VERSION line has been checked
         #: The parsed header once complete, else None.
         self.result: ParsedHeader | None = None
         #: Bytes received after the header (the start of the payload).
@@ -239,7 +247,7 @@ class HeaderParser:
         start = max(self._scanned - 1, 0)
         buf += data
         end = buf.find(b"\n\n", start)
-        if not self._first_line_checked and buf.find(b"\n", start) >= 0:
+        if self._minor is None and buf.find(b"\n", start) >= 0:
             self._check_first_line()
         if end < 0:
             if len(buf) >= self._max:
@@ -249,13 +257,12 @@ class HeaderParser:
         size = end + 2
         if size > self._max:
             raise RemoteProtocolError(f"header exceeds {self._max} bytes")
-        self.result = parse_header_text(bytes(buf[:end]), size)
+        self.result = parse_header_text(bytes(buf[:end]), size, version_minor=self._minor)
         self.trailing_data = bytes(buf[size:])
         self._buf = bytearray()
         return self.result
 
     def _check_first_line(self) -> None:
         lf = self._buf.find(b"\n")
-        if lf >= 0 and not self._first_line_checked:
-            self._first_line_checked = True
-            check_version_line(_c_string(bytes(self._buf[:lf])))
+        if lf >= 0 and self._minor is None:
+            self._minor = check_version_line(_c_string(bytes(self._buf[:lf])))

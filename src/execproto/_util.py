@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from ._errors import LocalProtocolError
+
 __all__ = ["BytesLike", "EnvLike", "Sentinel", "to_bytes"]
 
 #: What public APIs accept where the protocol carries bytes.  ``str`` is
@@ -24,8 +26,6 @@ def to_bytes(value: BytesLike, what: str) -> bytes:
     Raises:
         LocalProtocolError: *value* is neither bytes-like nor ``str``.
     """
-    from ._errors import LocalProtocolError
-
     if isinstance(value, str):
         return value.encode("utf-8", "surrogateescape")
     if isinstance(value, (bytes, bytearray, memoryview)):
