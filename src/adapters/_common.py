@@ -65,6 +65,7 @@ __all__ = [
     "log_request",
     "peer_label",
     "resolve_program",
+    "run_timeout_detail",
     "sanitize_args",
     "spawn",
 ]
@@ -265,6 +266,11 @@ def _missing_permission(path: str) -> str:
     if not os.access(path, os.W_OK):
         return f"missing +w perm: {path}"
     return "no permission"
+
+
+def run_timeout_detail(timeout: float | None) -> str:
+    """The detail of a RUN_TIMEOUT result (Dovecot: "Execution timed out")."""
+    return f"execution timed out (> {timeout} s)"
 
 
 def describe_returncode(code: int | None) -> str:

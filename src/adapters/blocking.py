@@ -67,6 +67,7 @@ from ._common import (
     log_request,
     peer_label,
     resolve_program,
+    run_timeout_detail,
     spawn,
 )
 
@@ -131,6 +132,9 @@ def _connect(target: Target, timeout: float) -> socket.socket:
             except OSError as exc:
                 sock.close()
                 last = exc
+            except BaseException:  # KeyboardInterrupt while connecting
+                sock.close()
+                raise
         if last is None or isinstance(last, socket.timeout):
             raise _Timeout
         raise last
@@ -141,13 +145,14 @@ def _connect(target: Target, timeout: float) -> socket.socket:
             sock.settimeout(max(deadline - time.monotonic(), 0.001))
             sock.connect(target.path)
             return sock
-        except OSError as exc:
+        except BaseException as exc:
             sock.close()
-            if exc.errno != errno.EAGAIN:
+            if not isinstance(exc, OSError) or exc.errno != errno.EAGAIN:
                 raise
-        if time.monotonic() + UNIX_RETRY_INTERVAL > deadline:
+        left = deadline - time.monotonic()
+        if left <= 0:
             raise _Timeout
-        time.sleep(UNIX_RETRY_INTERVAL)
+        time.sleep(min(UNIX_RETRY_INTERVAL, left))
 
 
 def run(
@@ -258,7 +263,7 @@ def _pump_socket(
             try:
                 wait = _remaining(deadline)
             except _Timeout:
-                return fail(ErrorKind.RUN_TIMEOUT, f"execution timed out (> {timeout} s)")
+                return fail(ErrorKind.RUN_TIMEOUT, run_timeout_detail(timeout))
             for _, mask in sel.select(wait):
                 if mask & selectors.EVENT_READ:
                     try:
@@ -371,7 +376,7 @@ def _run_fork(
     label = target.label
     deadline = None if timeout is None else time.monotonic() + timeout
     want_output = read_output or output is not None
-    collected: list[bytes] | None = None if output is not None else []
+    collected: list[bytes] | None = [] if output is None and want_output else None
     fds: list[int] = []
 
     def new_fd(fd: int) -> int:
@@ -401,14 +406,15 @@ def _run_fork(
         try:
             kind, detail = _pump_pipes(in_w if input is not None else None,
                                        out_r if want_output else None,
-                                       _input_chunks(input), deadline, output, collected, fds)
+                                       _input_chunks(input), deadline, timeout, output,
+                                       collected, fds)
             if kind is ErrorKind.NONE:
                 try:
                     returncode = _wait_pid(pid, pidfd, _remaining(deadline))
                 except _Timeout:
                     returncode = None
                 if returncode is None:
-                    kind, detail = ErrorKind.RUN_TIMEOUT, f"execution timed out (> {timeout} s)"
+                    kind, detail = ErrorKind.RUN_TIMEOUT, run_timeout_detail(timeout)
             if returncode is None:
                 returncode = _terminate(pid, pidfd, KILL_TIMEOUT)
                 killed = True
@@ -435,6 +441,7 @@ def _pump_pipes(
     out_r: int | None,
     chunks: Iterator[bytes],
     deadline: float | None,
+    timeout: float | None,
     output: Callable[[bytes], object] | None,
     collected: list[bytes] | None,
     fds: list[int],
@@ -451,7 +458,7 @@ def _pump_pipes(
             try:
                 wait = _remaining(deadline)
             except _Timeout:
-                return ErrorKind.RUN_TIMEOUT, "execution timed out"
+                return ErrorKind.RUN_TIMEOUT, run_timeout_detail(timeout)
             for key, _ in sel.select(wait):
                 fd = key.fd
                 if fd == out_r:
@@ -627,6 +634,10 @@ class Service:
             log_request(logger, peer_text, request, status, time.monotonic() - started)
         except RemoteProtocolError as exc:
             logger.warning("%s: %s", peer_text, exc.message)
+            # Close without reply, but read what the client still sends first,
+            # so that the close is not a reset (bounded: a hostile client
+            # cannot keep the slot).
+            _close_gently(conn, min(1.0, self.config.header_timeout))
         except _Timeout:
             logger.warning("%s: header not received within %s s", peer_text,
                            self.config.header_timeout)
@@ -730,6 +741,7 @@ def serve(
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     libexec_dir: BytesLike = DEFAULT_LIBEXEC_DIR,
     grace: float = DEFAULT_GRACE,
+    kill_timeout: float = KILL_TIMEOUT,
     ready: Callable[[Service], object] | None = None,
     logger: logging.Logger | None = None,
     user: str | None = None,
@@ -749,6 +761,7 @@ def serve(
         max_connections: scripts run at once; further clients wait in the backlog.
         libexec_dir: base of a relative script path.
         grace: on stop, seconds running scripts get before being terminated.
+        kill_timeout: seconds between SIGTERM and SIGKILL (alarm=N, stop).
         ready: called with the :class:`Service` once it listens (use its
             ``addresses`` and ``stop()``).
         logger: where the one-line-per-request log goes (``execproto``).
@@ -766,6 +779,7 @@ def serve(
         max_header_bytes=max_header_bytes,
         libexec_dir=libexec_dir,
         grace=grace,
+        kill_timeout=kill_timeout,
         logger=logger or logging.getLogger("execproto"),
         user=user,
         group=group,

@@ -89,6 +89,7 @@ from ._common import (
     log_request,
     peer_label,
     resolve_program,
+    run_timeout_detail,
     spawn,
 )
 
@@ -261,9 +262,10 @@ async def _connect(target: TcpTarget | UnixTarget, deadline: float) -> socket.so
         except OSError as exc:
             if exc.errno != errno.EAGAIN:
                 raise
-        if trio.current_time() + UNIX_RETRY_INTERVAL > deadline:
+        left = deadline - trio.current_time()
+        if left <= 0:
             raise _Timeout
-        await trio.sleep(UNIX_RETRY_INTERVAL)
+        await trio.sleep(min(UNIX_RETRY_INTERVAL, left))
 
 
 class _SocketRun:
@@ -289,10 +291,10 @@ class _SocketRun:
         self.scope.cancel()
 
     async def _send_all(self, data: bytes) -> None:
-        with memoryview(data) as view:
-            while view:
-                sent: int = await self.sock.send(view)
-                view = view[sent:]
+        view = memoryview(data)
+        while view:
+            sent: int = await self.sock.send(view)
+            view = view[sent:]
 
     async def send(self) -> None:
         conn = self.conn
@@ -381,7 +383,7 @@ async def _run_socket(
                 else:
                     await job.send()
     if job.result is None:
-        return job.fail(ErrorKind.RUN_TIMEOUT, f"execution timed out (> {run_timeout} s)")
+        return job.fail(ErrorKind.RUN_TIMEOUT, run_timeout_detail(run_timeout))
     return job.result
 
 
@@ -472,12 +474,14 @@ async def _run_fork(
                 stream(in_w) if input is not None else None,
                 stream(out_r) if want_output else None,
                 input, deadline, sink)
+            if kind is ErrorKind.RUN_TIMEOUT:
+                detail = run_timeout_detail(run_timeout)
             returncode: int | None = None
             if kind is ErrorKind.NONE:
                 returncode = await _wait_pid(pid, pidfd, deadline)
                 if returncode is None:
                     kind, detail = (ErrorKind.RUN_TIMEOUT,
-                                    f"execution timed out (> {run_timeout} s)")
+                                    run_timeout_detail(run_timeout))
             killed = returncode is None
             if returncode is None:
                 returncode = await _terminate(pid, pidfd, KILL_TIMEOUT)
@@ -593,8 +597,8 @@ async def run(
             ``tcp:HOST:PORT``, ``exec:PATH``/``fork:PATH``).
         args: the script's arguments.
         input: the payload: bytes, a binary file (read in a worker thread),
-            an iterable or an async iterable of bytes (streamed while output
-            is being received).
+            an iterable (iterated in the event loop: it must not block) or
+            an async iterable of bytes; streamed while output is received.
         env: variables for the script.  Over unix/tcp the service keeps only
             its allowlisted names; with fork they are the whole environment.
         noreply: no result code (the status is SUCCESS if the exchange worked).
@@ -712,6 +716,8 @@ async def open_run(
             nursery.start_soon(stream._produce, begin, send)
             try:
                 yield stream
+            except GeneratorExit:
+                raise
             except BaseException as exc:
                 # Re-raised below, outside the nursery, so that it is not
                 # wrapped in an exception group.
@@ -759,6 +765,7 @@ class _Service:
                         for sock, name in self._sockets:
                             acceptors.start_soon(self._accept_loop, sock, name, handlers)
                         task_status.started([name for _, name in self._sockets])
+                        await trio.sleep_forever()  # even with no listener: until cancelled
                 finally:
                     self._close_listeners()
                     with trio.CancelScope(shield=True):
@@ -779,20 +786,26 @@ class _Service:
     async def _accept_loop(self, sock: socket.socket, name: Address,
                            handlers: trio.Nursery) -> None:
         while True:
+            # Wait for a client before taking a slot: an idle listener must
+            # not hold one that a client of another listener could use.
             await trio.lowlevel.wait_readable(sock)
-            # Take a slot before accepting: extra clients wait in the backlog.
-            await self._slots.acquire()
-            try:
-                conn, peer = sock.accept()
-            except (BlockingIOError, ConnectionAbortedError):
-                self._slots.release()
-                continue
-            except OSError as exc:
-                self._slots.release()
-                self.config.logger.error("accept() failed: %s", exc)
-                await trio.sleep(0.1)  # e.g. EMFILE: back off, keep serving
-                continue
-            handlers.start_soon(self._handle, conn, peer_label(name, peer))
+            while True:  # accept every pending client a slot is free for
+                # Take a slot before accepting: extra clients wait in the backlog.
+                await self._slots.acquire()
+                try:
+                    conn, peer = sock.accept()
+                except ConnectionAbortedError:
+                    self._slots.release()
+                    continue
+                except BlockingIOError:
+                    self._slots.release()
+                    break
+                except OSError as exc:
+                    self._slots.release()
+                    self.config.logger.error("accept() failed: %s", exc)
+                    await trio.sleep(0.1)  # e.g. EMFILE: back off, keep serving
+                    break
+                handlers.start_soon(self._handle, conn, peer_label(name, peer))
 
     def _close_listeners(self) -> None:
         for sock, _ in self._sockets:
@@ -903,7 +916,8 @@ class _Service:
             os.set_blocking(fd, False)
         reply = svc.send(ScriptExited(returncode=returncode))
         timeout = self.config.header_timeout
-        with trio.move_on_after(timeout), memoryview(reply) as view:
+        with trio.move_on_after(timeout):
+            view = memoryview(reply)
             while view:
                 sent: int = await conn.send(view)
                 view = view[sent:]
