@@ -110,6 +110,16 @@ class RunResult:
     target: str = ""
     returncode: int | None = None
 
+    def __repr__(self) -> str:
+        # The output may be megabytes: show its size and start only.
+        out = "None"
+        if self.output is not None:
+            more = "..." if len(self.output) > 40 else ""
+            out = f"<{len(self.output)} bytes: {self.output[:40]!r}{more}>"
+        return (f"RunResult(status={self.status.name}, kind={self.kind.name}, "
+                f"detail={self.detail!r}, output={out}, target={self.target!r}, "
+                f"returncode={self.returncode!r})")
+
     @property
     def ok(self) -> bool:
         """True when the script ran and reported success."""
