@@ -32,7 +32,9 @@ def test_block_compiles(index: int) -> None:
 )
 def test_block_runs(index: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    source = BLOCKS[index].replace("/tmp/x.sock", str(tmp_path / "x.sock"))
+    source = BLOCKS[index]
+    for name in ("x.sock", "y.sock"):
+        source = source.replace(f"/tmp/{name}", str(tmp_path / name))
     exec(compile(source, f"README block {index}", "exec"), {"__name__": "readme"})
 
 
