@@ -620,9 +620,9 @@ async def run(
         LocalProtocolError: invalid arguments (a NUL byte, a bad URI...).
 
     """
-    start = _prepare(target, args, env, noreply, read_output or output is not None, base_dir,
-                     lenient_reset)
-    return await start(input, connect_timeout, timeout, _Sink(output, collect=True))
+    reads = read_output or output is not None
+    start = _prepare(target, args, env, noreply, reads, base_dir, lenient_reset)
+    return await start(input, connect_timeout, timeout, _Sink(output, collect=reads))
 
 
 class RunStream:

@@ -28,12 +28,12 @@ from typing import Any, ParamSpec
 import pytest
 
 from execproto import ErrorKind, LocalProtocolError, Status
-from execproto.adapters import (  # type: ignore[import-not-found,unused-ignore]
+from execproto.adapters import (
     RunResult,
     TcpListener,
     UnixListener,
 )
-from execproto.adapters import asyncio as flavour  # type: ignore[import-not-found,unused-ignore]
+from execproto.adapters import asyncio as flavour
 
 P = ParamSpec("P")
 
@@ -132,7 +132,8 @@ class Serving:
         ready: asyncio.Future[list[Address]] = asyncio.get_running_loop().create_future()
         self.task = asyncio.ensure_future(flavour.serve(
             self.listeners, self.script, ready=ready.set_result, **self.options))
-        done, _ = await asyncio.wait({ready, self.task}, return_when=asyncio.FIRST_COMPLETED)
+        waiting: set[asyncio.Future[Any]] = {ready, self.task}
+        done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
         if self.task in done:
             ready.cancel()
             await self.task  # raises what serve() raised

@@ -21,14 +21,14 @@ from typing import Any, ParamSpec
 
 import pytest
 import trio
-from execproto.adapters import (  # type: ignore[import-not-found,unused-ignore]
+
+from execproto import Status
+from execproto.adapters import (
     RunResult,
     TcpListener,
     UnixListener,
 )
-from execproto.adapters import trio as flavour  # type: ignore[import-not-found,unused-ignore]
-
-from execproto import Status
+from execproto.adapters import trio as flavour
 
 P = ParamSpec("P")
 

@@ -1,0 +1,1 @@
+"""The execproto test suite."""

@@ -1,0 +1,1 @@
+"""Adapter tests: one suite for every flavour (blocking, asyncio, trio)."""
