@@ -46,7 +46,7 @@ from ._events import (
     Result,
     Status,
 )
-from ._header import encode_request
+from ._header import EMPTY_ARG_MODES, encode_request
 from ._reply import ResultCodeFilter
 
 __all__ = ["ClientConnection", "ClientState"]
@@ -60,6 +60,9 @@ class ClientState(enum.Enum):
     SENT = "sent"  #: EndOfInput sent
     DONE = "done"  #: the Result has been returned
     ERROR = "error"  #: the caller misused the connection; every call fails
+
+
+_NO_RECEIVE = frozenset({ClientState.IDLE, ClientState.DONE, ClientState.ERROR})
 
 
 class ClientConnection:
@@ -90,6 +93,8 @@ class ClientConnection:
         lenient_reset: bool = True,
         result_code: bool = True,
     ) -> None:
+        if empty_args not in EMPTY_ARG_MODES:
+            raise LocalProtocolError(f"empty_args must be one of {EMPTY_ARG_MODES}")
         self.dot = dot
         self.read_output = read_output
         self._empty_args = empty_args
@@ -142,16 +147,21 @@ class ClientConnection:
             return self._encoder.finish() if self._encoder else b""
         raise LocalProtocolError(f"cannot send {type(event).__name__} in state {state.name}")
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Add bytes read from the connection; ``b""`` means EOF.
 
         Raises:
             LocalProtocolError: data after EOF, or before the request was sent.
         """
-        if self._eof:
-            raise LocalProtocolError("data received after EOF")
-        if self.state is ClientState.IDLE or self.state is ClientState.ERROR:
-            raise LocalProtocolError(f"cannot receive data in state {self.state.name}")
+        if self._eof or self.state in _NO_RECEIVE or (
+                self.state is ClientState.SENT and not self.reads_reply):
+            why = "after EOF" if self._eof else (
+                f"in state {self.state.name}" if self.state in _NO_RECEIVE
+                else "in a run that does not read the reply")
+            self.state = ClientState.ERROR
+            raise LocalProtocolError(f"cannot receive data {why}")
+        if not isinstance(data, bytes):
+            data = bytes(data)  # the caller may reuse its buffer
         if not data:
             self._eof = True
             return
@@ -161,7 +171,7 @@ class ClientConnection:
         if self._decoder is not None and data:
             data = self._decoder.decode(data)
         if data:
-            self._ready.append(bytes(data))
+            self._ready.append(data)
 
     def receive_reset(self) -> None:
         """Report that the peer reset the connection (ECONNRESET) while reading.

@@ -10,6 +10,7 @@ does no I/O), or rejected when there is none.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -27,6 +28,7 @@ __all__ = [
     "parse_script_command",
 ]
 
+_PORT = re.compile(r"[0-9]{1,5}")
 _EXECUTE_KEYS = ("driver", "args", "fork_path", "unix_socket_path", "tcp_host", "tcp_port")
 
 
@@ -125,17 +127,21 @@ def parse_config(
     pending = ""
     start_line = 0
     for number, raw in enumerate(text.splitlines(), start=1):
-        if pending:
-            raw = pending + raw
-        else:
-            start_line = number
-        if raw.endswith("\\"):
-            pending = raw[:-1]
-            continue
-        pending = ""
-        line = _strip_comment(raw).strip()
+        # As config-parser.c: each physical line loses its comment and its
+        # surrounding blanks; one ending in a backslash continues, joined to
+        # the next with a single space.
+        line = _strip_comment(raw.strip()).strip()
         if not line:
             continue
+        if not pending:
+            start_line = number
+        if line.endswith("\\"):
+            before = line[:-1].rstrip()
+            pending += before + " " if before else ""
+            pending = pending or " "  # remember that a continuation is open
+            continue
+        line = (pending.lstrip() + line) if pending else line
+        pending = ""
         if line.startswith("!include"):
             keyword, _, path = line.partition(" ")
             if keyword not in ("!include", "!include_try"):
@@ -193,7 +199,7 @@ def execute_settings(section: ConfigSection) -> ExecuteSettings:
             raise ConfigError(f"execute {section.name}: unknown setting {key!r}", line)
         values[short] = value
     port_text = values.pop("tcp_port", "0") or "0"
-    if not port_text.isdigit() or not port_text.isascii() or len(port_text) > 5:
+    if not _PORT.fullmatch(port_text):
         raise ConfigError(f"execute {section.name}: invalid tcp_port {port_text!r}",
                           section.line)
     return ExecuteSettings(name=section.name, tcp_port=int(port_text), line=section.line,
@@ -326,9 +332,10 @@ def find_service(root: ConfigSection, name: str, *, base_dir: str | None = None)
             raise ConfigError(f"service {name}: no 'executable = script ...' setting",
                               section.line)
         words = command_text.split()
-        if words[0].rsplit("/", 1)[-1] != "script":
-            raise ConfigError(f"service {name}: executable is {words[0]!r}, not the script "
-                              "binary", section.line)
+        if not words or words[0].rsplit("/", 1)[-1] != "script":
+            shown = words[0] if words else command_text
+            raise ConfigError(f"service {name}: executable is {shown!r}, not the script binary",
+                              section.line)
         try:
             command = parse_script_command(words[1:])
         except ConfigError as exc:
@@ -347,7 +354,7 @@ def find_service(root: ConfigSection, name: str, *, base_dir: str | None = None)
                              int(mode_text, 8)))
             elif sub.kind == "inet_listener":
                 port_text = sub.get("port") or ""
-                if not port_text.isdigit() or not 0 < int(port_text) <= 65535:
+                if not _PORT.fullmatch(port_text) or not 0 < int(port_text) <= 65535:
                     raise ConfigError(f"invalid inet_listener port {port_text!r}", sub.line)
                 addresses = sub.get("address")
                 hosts = [a.strip() for a in addresses.split(",")] if addresses else listen

@@ -64,7 +64,7 @@ class DotEncoder:
         self._started = False
         self._finished = False
 
-    def encode(self, data: bytes) -> bytes:
+    def encode(self, data: bytes | bytearray | memoryview) -> bytes:
         """Encode one chunk of payload.
 
         Raises:
@@ -72,6 +72,8 @@ class DotEncoder:
         """
         if self._finished:
             raise LocalProtocolError("dot encoder already finished")
+        if not isinstance(data, bytes):
+            data = bytes(data)
         if not data:
             return b""
         self._started = True
@@ -160,8 +162,10 @@ class DotDecoder:
         """True once the end marker has been decoded."""
         return self._state is _DecState.END
 
-    def decode(self, data: bytes) -> bytes:
+    def decode(self, data: bytes | bytearray | memoryview) -> bytes:
         """Decode one chunk and return the data it completes (maybe ``b""``)."""
+        if not isinstance(data, bytes):
+            data = bytes(data)
         st = self._state
         n = len(data)
         if st is _DecState.END:

@@ -212,4 +212,6 @@ class ScriptExited:
     returncode: int | None
 
     def __init__(self, *, returncode: int | None) -> None:
+        if returncode is not None and (type(returncode) is not int):
+            raise LocalProtocolError(f"returncode must be an int or None, not {returncode!r}")
         object.__setattr__(self, "returncode", returncode)

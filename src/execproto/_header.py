@@ -214,7 +214,7 @@ class HeaderParser:
     in :attr:`trailing_data` and never interpreted.
     """
 
-    __slots__ = ("_buf", "_max", "_minor", "_scanned", "result", "trailing_data")
+    __slots__ = ("_buf", "_failed", "_max", "_minor", "_scanned", "result", "trailing_data")
 
     def __init__(self, *, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> None:
         if max_header_bytes < len(_VERSION_LINE) + 1:
@@ -223,12 +223,13 @@ class HeaderParser:
         self._buf = bytearray()
         self._scanned = 0  # LF LF is not in _buf[:_scanned + 1]
         self._minor: int | None = None  # set once the VERSION line has been checked
+        self._failed: str | None = None
         #: The parsed header once complete, else None.
         self.result: ParsedHeader | None = None
         #: Bytes received after the header (the start of the payload).
         self.trailing_data = b""
 
-    def feed(self, data: bytes) -> ParsedHeader | None:
+    def feed(self, data: bytes | bytearray | memoryview) -> ParsedHeader | None:
         """Take bytes (``b""`` for EOF); return the header once it is complete.
 
         Raises:
@@ -238,6 +239,16 @@ class HeaderParser:
         """
         if self.result is not None:
             raise LocalProtocolError("the header is already complete")
+        if self._failed is not None:
+            raise LocalProtocolError(f"the header was already rejected: {self._failed}")
+        try:
+            return self._feed(data)
+        except RemoteProtocolError as exc:
+            self._failed = exc.message
+            self._buf = bytearray()  # free it: the connection is over
+            raise
+
+    def _feed(self, data: bytes | bytearray | memoryview) -> ParsedHeader | None:
         buf = self._buf
         if not data:
             self._check_first_line()

@@ -38,10 +38,12 @@ class ResultCodeFilter:
         self._total = 0
         self._finished = False
 
-    def feed(self, data: bytes) -> bytes:
+    def feed(self, data: bytes | bytearray | memoryview) -> bytes:
         """Take one chunk of the reply; return the output it releases."""
         if self._finished:
             raise LocalProtocolError("result code filter already finished")
+        if not isinstance(data, bytes):
+            data = bytes(data)
         n = len(data)
         self._total += n
         if n >= 2:

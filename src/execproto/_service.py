@@ -81,7 +81,9 @@ class ServiceConnection:
         libexec_dir: BytesLike = DEFAULT_LIBEXEC_DIR,
     ) -> None:
         self._base_argv = service_argv(script, script_args, (), libexec_dir=libexec_dir)
-        self._allow = frozenset(to_bytes(n, "env allowlist entry") for n in env_allowlist)
+        # An empty name is never on the list (Dovecot), whatever the caller passes.
+        self._allow = frozenset(
+            to_bytes(n, "env allowlist entry") for n in env_allowlist) - {b""}
         self.passthrough = passthrough
         self._parser = HeaderParser(max_header_bytes=max_header_bytes)
         self.state = ServiceState.HEADER
@@ -102,7 +104,7 @@ class ServiceConnection:
         """
         return self._parser.trailing_data
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Add bytes received (or peeked) from the client; ``b""`` means EOF.
 
         Raises:
@@ -110,6 +112,8 @@ class ServiceConnection:
                 client closed before its end.  Close without a reply.
             LocalProtocolError: called when no header is expected.
         """
+        if self.passthrough:
+            raise LocalProtocolError("a passthrough service reads no header")
         if self.state is not ServiceState.HEADER or self._pending is not None:
             raise LocalProtocolError(f"cannot receive data in state {self.state.name}")
         try:

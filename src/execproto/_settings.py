@@ -211,9 +211,10 @@ class _Expr:
                     self.pos + 1 : self.pos + 3]):
                 out.append(chr(int(hex_digits, 16)))
                 self.pos += 3
-            elif re.fullmatch(r"[0-7]{3}", self.text[self.pos : self.pos + 3]):
-                out.append(chr(int(self.text[self.pos : self.pos + 3], 8) & 0xFF))
-                self.pos += 3
+            elif octal := re.match(r"[0-7]{1,3}", self.text[self.pos : self.pos + 3]):
+                # \N, \NN or \NNN, as Dovecot's lexer
+                out.append(chr(int(octal.group(), 8) & 0xFF))
+                self.pos += octal.end()
             else:
                 raise ConfigError(f"invalid escape '\\{e}' in a quoted string")
         raise ConfigError("unterminated quoted string in %{...}")
@@ -316,6 +317,37 @@ def expand_value(template: str, variables: Mapping[str, str]) -> str:
             pos = pct + 1
 
 
+def _split_outside_braces(template: str) -> list[str]:
+    """Split on spaces that are not inside a ``%{...}`` expression."""
+    tokens: list[str] = []
+    current: list[str] = []
+    depth = 0
+    i = 0
+    while i < len(template):
+        if template.startswith("%%{", i):
+            current.append("%%{")
+            i += 3
+            continue
+        if template.startswith("%{", i):
+            depth += 1
+            current.append("%{")
+            i += 2
+            continue
+        c = template[i]
+        if c == "}" and depth:
+            depth -= 1
+        if c == " " and not depth:
+            if current:
+                tokens.append("".join(current))
+                current = []
+        else:
+            current.append(c)
+        i += 1
+    if current:
+        tokens.append("".join(current))
+    return tokens
+
+
 def expand_args(
     template: str, variables: Mapping[str, str], *, split_first: bool = False
 ) -> tuple[str, ...]:
@@ -332,9 +364,7 @@ def expand_args(
         ConfigError: see :func:`expand_value`.
     """
     if split_first:
-        return tuple(
-            expand_value(token, variables) for token in template.split(" ") if token
-        )
+        return tuple(expand_value(token, variables) for token in _split_outside_braces(template))
     return tuple(p for p in expand_value(template, variables).split(" ") if p)
 
 

@@ -1,0 +1,598 @@
+"""parse_config, find_execute and execute_settings (PROTOCOL.md 9.1, 9.2, CV-31)."""
+
+from __future__ import annotations
+
+import pytest
+
+from execproto import (
+    ConfigError,
+    ConfigSection,
+    ExecuteSettings,
+    LocalProtocolError,
+    ScriptCommand,
+    ServiceSettings,
+    TcpTarget,
+    UnixTarget,
+    execute_settings,
+    find_execute,
+    find_service,
+    parse_config,
+    parse_script_command,
+)
+
+WELCOME = """\
+# Dovecot 2.4 style
+welcome {
+  wait = yes
+  execute welcome {          # the script service
+    driver = unix
+    args = welcome %{user}
+  }
+}
+
+quota_warning warn-95 {
+  execute quota-warning {
+    execute_driver = tcp
+    execute_tcp_host = "localhost"
+    execute_tcp_port = 12345
+    args = 95 %{user}
+  }
+}
+
+service welcome {
+  executable = script -e FOO,BAR /usr/local/bin/welcome.sh
+  unix_listener welcome {
+    mode = 0666
+  }
+}
+"""
+
+
+# --- parse_config -----------------------------------------------------------------------
+
+
+def test_sections_and_settings() -> None:
+    root = parse_config(WELCOME)
+    assert (root.kind, root.name, root.line) == ("", "", 0)
+    assert root.settings == []
+    assert [(s.kind, s.name, s.line) for s in root.sections] == [
+        ("welcome", "", 2),
+        ("quota_warning", "warn-95", 10),
+        ("service", "welcome", 19),
+    ]
+    welcome = root.sections[0]
+    assert welcome.settings == [("wait", "yes", 3)]
+    execute = welcome.sections[0]
+    assert (execute.kind, execute.name, execute.line) == ("execute", "welcome", 4)
+    assert execute.settings == [("driver", "unix", 5), ("args", "welcome %{user}", 6)]
+    service = root.sections[2]
+    assert service.get("executable") == "script -e FOO,BAR /usr/local/bin/welcome.sh"
+    assert service.sections[0].settings == [("mode", "0666", 22)]
+
+
+def test_walk_is_depth_first_in_text_order() -> None:
+    root = parse_config(WELCOME)
+    assert [(s.kind, s.name) for s in root.walk()] == [
+        ("", ""),
+        ("welcome", ""),
+        ("execute", "welcome"),
+        ("quota_warning", "warn-95"),
+        ("execute", "quota-warning"),
+        ("service", "welcome"),
+        ("unix_listener", "welcome"),
+    ]
+
+
+def test_get_returns_the_last_value() -> None:
+    root = parse_config("a = 1\nb = 2\na = 3\n")
+    assert root.get("a") == "3"
+    assert root.get("b") == "2"
+    assert root.get("c") is None
+    assert root.get("c", "dflt") == "dflt"
+    assert root.settings == [("a", "1", 1), ("b", "2", 2), ("a", "3", 3)]
+
+
+def test_get_ignores_nested_sections() -> None:
+    root = parse_config("s {\n  a = 1\n}\n")
+    assert root.get("a") is None
+
+
+@pytest.mark.parametrize(
+    ("line", "setting"),
+    [
+        ("key = value", ("key", "value")),
+        ("key=value", ("key", "value")),
+        ("  key   =   value with  spaces  ", ("key", "value with  spaces")),
+        ("key =", ("key", "")),
+        ("key = a = b", ("key", "a = b")),
+        ('key = "quoted # not a comment"', ("key", "quoted # not a comment")),
+        ("key = 'single'", ("key", "single")),
+        ('key = "esc \\" quote"', ("key", 'esc " quote')),
+        ('key = "back\\\\slash"', ("key", "back\\slash")),
+        ('key = ""', ("key", "")),
+        ("key = value # comment", ("key", "value")),
+        ("key = value#comment", ("key", "value")),
+        ("key = \"a\" # \"b", ("key", "a")),
+        ("key\t=\tvalue", ("key", "value")),
+        ("key = %{user | default('x')}", ("key", "%{user | default('x')}")),
+        ("key = a\"b", ("key", 'a"b')),
+    ],
+)
+def test_setting_lines(line: str, setting: tuple[str, str]) -> None:
+    assert parse_config(line).settings == [(*setting, 1)]
+
+
+def test_comments_and_blank_lines() -> None:
+    text = "# comment\n\n   # indented comment\n\t\na = 1 # trailing\n#b = 2\n"
+    assert parse_config(text).settings == [("a", "1", 5)]
+
+
+def test_crlf_line_ends() -> None:
+    assert parse_config("a = 1\r\ns {\r\n  b = 2\r\n}\r\n").sections[0].settings == [("b", "2", 3)]
+
+
+def test_section_forms() -> None:
+    root = parse_config('plain {\n}\nnamed n {\n}\nquoted "q" {\n}\nspaced   x   {\n}\ntight{\n}\n')
+    assert [(s.kind, s.name) for s in root.sections] == [
+        ("plain", ""),
+        ("named", "n"),
+        ("quoted", "q"),
+        ("spaced", "x"),
+        ("tight", ""),
+    ]
+
+
+def test_closing_brace_with_comment() -> None:
+    root = parse_config("s {\n} # done\nt {\n  }\n")
+    assert [s.kind for s in root.sections] == ["s", "t"]
+
+
+def test_continuation() -> None:
+    root = parse_config("a = one \\\n  two\nb = 3\n")
+    assert root.settings[0][0] == "a"
+    assert root.settings[0][1].split() == ["one", "two"]
+    assert root.settings[0][2] == 1
+    assert root.settings[1] == ("b", "3", 3)
+
+
+def test_continuation_error_reports_the_first_line() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config("a = 1\nbad \\\nline\n")
+    assert info.value.line == 2
+
+
+def test_continuation_joins_with_a_space() -> None:
+    # config-parser.c strips the line, drops the backslash and appends ' '.
+    assert parse_config("args = one\\\ntwo\n").settings == [("args", "one two", 1)]
+
+
+def test_continuation_after_trailing_blanks_or_comment() -> None:
+    assert parse_config("args = a \\  \nb\n").get("args") == "a b"
+    assert parse_config("args = a \\ # note\nb\n").get("args") == "a b"
+
+
+# --- includes -------------------------------------------------------------------------------
+
+
+def test_include_via_callback() -> None:
+    files = {
+        "/etc/dovecot/conf.d/10-execute.conf": "execute inc {\n  driver = fork\n}\nx = 1\n",
+        "/etc/dovecot/empty.conf": "",
+    }
+    seen: list[str] = []
+
+    def load(path: str) -> str:
+        seen.append(path)
+        return files[path]
+
+    root = parse_config(
+        "a = 0\n"
+        "welcome {\n"
+        "  !include /etc/dovecot/conf.d/10-execute.conf\n"
+        "  !include_try \"/etc/dovecot/empty.conf\"\n"
+        "}\n",
+        include=load,
+    )
+    assert seen == ["/etc/dovecot/conf.d/10-execute.conf", "/etc/dovecot/empty.conf"]
+    welcome = root.sections[0]
+    assert welcome.settings == [("x", "1", 4)]  # line numbers are the included file's
+    assert [(s.kind, s.name) for s in welcome.sections] == [("execute", "inc")]
+    assert find_execute(welcome) == ExecuteSettings("inc", driver="fork", line=1)
+
+
+def test_include_without_callback() -> None:
+    for keyword in ("!include", "!include_try"):
+        with pytest.raises(ConfigError) as info:
+            parse_config(f"a = 1\n{keyword} /etc/x.conf\n")
+        assert info.value.line == 2
+        assert info.value.message == (
+            f"line 2: {keyword} /etc/x.conf: includes are not followed here"
+        )
+
+
+def test_include_errors_propagate() -> None:
+    with pytest.raises(ConfigError, match="line 2: '}' without an open section"):
+        parse_config("!include x\n", include=lambda path: "a = 1\n}\n")
+
+
+def test_include_recursion_is_bounded() -> None:
+    calls: list[str] = []
+
+    def load(path: str) -> str:
+        calls.append(path)
+        return "!include self\n"
+
+    with pytest.raises(ConfigError, match="!include nested too deeply"):
+        parse_config("!include self\n", include=load)
+    assert len(calls) == 21
+
+
+def test_unknown_directive() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config("\n!includes x\n", include=lambda path: "")
+    assert info.value.line == 2
+    assert "unknown directive '!includes'" in info.value.message
+
+
+# --- syntax errors ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "message"),
+    [
+        ("a = 1\n}\n", 2, "'}' without an open section"),
+        ("{\n}\n", 1, "invalid section start '{'"),
+        ("a b c {\n}\n", 1, "invalid section start 'a b c {'"),
+        ("a = b {\n}\n", 1, "invalid section start 'a = b {'"),
+        ("ok = 1\njust words\n", 2, "expected 'key = value', '{' or '}', got 'just words'"),
+        ("= value\n", 1, "expected 'key = value', '{' or '}', got '= value'"),
+        ("two words = value\n", 1, "expected 'key = value'"),
+        ("s {\n  key\n}\n", 2, "expected 'key = value'"),
+        ("a = \"open\n", 1, "unterminated quoted value"),
+        ("a = 'open\n", 1, "unterminated quoted value"),
+        ("a = \"\n", 1, "unterminated quoted value"),
+        ("s x {\n  n = \"v'\n}\n", 2, "unterminated quoted value"),
+        ("a = 1\nb = 2 \\", 2, "the last line ends with a continuation '\\'"),
+        ("a = 1\ns x {\n  t {\n  }\n", 2, "section s x is not closed"),
+        ("s {\n", 1, "section s  is not closed"),
+        ("a = 1\n\n\n!other\n", 4, "expected 'key = value'"),
+    ],
+)
+def test_syntax_errors(text: str, line: int, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text)
+    assert info.value.line == line
+    assert str(info.value).startswith(f"line {line}: {message}")
+
+
+def test_config_error_is_a_local_protocol_error() -> None:
+    with pytest.raises(LocalProtocolError):
+        parse_config("}")
+    assert ConfigError("x").line is None
+    assert str(ConfigError("x")) == "x"
+    assert str(ConfigError("x", 3)) == "line 3: x"
+
+
+def test_empty_text() -> None:
+    assert parse_config("") == ConfigSection("", "", 0)
+
+
+# --- find_execute (9.2: only one execute block) -------------------------------------------------
+
+
+def test_find_execute_one() -> None:
+    root = parse_config(WELCOME)
+    settings = find_execute(root.sections[0])
+    assert settings == ExecuteSettings("welcome", driver="unix", args="welcome %{user}", line=4)
+    assert settings.target() == UnixTarget("/run/dovecot/welcome")
+
+
+def test_find_execute_prefixed_keys() -> None:
+    root = parse_config(WELCOME)
+    settings = find_execute(root.sections[1])
+    assert settings == ExecuteSettings(
+        "quota-warning",
+        driver="tcp",
+        args="95 %{user}",
+        tcp_host="localhost",
+        tcp_port=12345,
+        line=11,
+    )
+    assert settings.target() == TcpTarget("localhost", 12345)
+
+
+def test_find_execute_none() -> None:
+    root = parse_config(WELCOME)
+    with pytest.raises(ConfigError) as info:
+        find_execute(root.sections[2])
+    assert info.value.message == "line 19: execute { .. } named list filter is missing"
+    # The root section has no line.
+    with pytest.raises(ConfigError) as info:
+        find_execute(parse_config("a = 1\n"))
+    assert info.value.message == "execute { .. } named list filter is missing"
+    assert info.value.line is None
+
+
+def test_find_execute_ignores_deeper_blocks() -> None:
+    # Only blocks directly inside the consumer's section count.
+    root = parse_config(WELCOME)
+    with pytest.raises(ConfigError, match="named list filter is missing"):
+        find_execute(root)
+
+
+def test_cv31_two_execute_blocks() -> None:
+    root = parse_config("welcome {\n  execute A {\n  }\n  execute B {\n  }\n}\n")
+    with pytest.raises(ConfigError) as info:
+        find_execute(root.sections[0])
+    assert info.value.line == 4
+    assert info.value.message == (
+        "line 4: Extra execute B { .. } named list filter - only one execution is allowed "
+        "for now (previous: execute A { .. })"
+    )
+
+
+def test_find_execute_by_name() -> None:
+    root = parse_config(WELCOME)
+    assert find_execute(root, "quota-warning").name == "quota-warning"
+    assert find_execute(root, "welcome").name == "welcome"  # not the service welcome
+    with pytest.raises(ConfigError, match=r"^no execute nosuch \{ \.\. \} block found$"):
+        find_execute(root, "nosuch")
+    # Selecting by name also settles two blocks in one section.
+    two = parse_config("w {\n  execute A {\n  }\n  execute B {\n    driver = fork\n  }\n}\n")
+    assert find_execute(two, "B") == ExecuteSettings("B", driver="fork", line=4)
+
+
+def test_find_execute_by_name_matches_the_section_itself() -> None:
+    root = parse_config("execute x {\n}\n")
+    assert find_execute(root.sections[0], "x") == ExecuteSettings("x", line=1)
+
+
+# --- execute_settings ---------------------------------------------------------------------------
+
+
+def test_execute_settings_all_keys() -> None:
+    section = parse_config(
+        "execute n {\n"
+        "  driver = fork\n"
+        "  args = a b\n"
+        "  fork_path = /bin/f\n"
+        "  execute_unix_socket_path = /u\n"
+        "  tcp_host = h\n"
+        "  execute_tcp_port = 7\n"
+        "}\n"
+    ).sections[0]
+    assert execute_settings(section) == ExecuteSettings(
+        "n",
+        driver="fork",
+        args="a b",
+        fork_path="/bin/f",
+        unix_socket_path="/u",
+        tcp_host="h",
+        tcp_port=7,
+        line=1,
+    )
+
+
+def test_execute_settings_last_value_wins() -> None:
+    section = parse_config("execute n {\n  args = 1\n  execute_args = 2\n}\n").sections[0]
+    assert execute_settings(section).args == "2"
+
+
+def test_execute_settings_empty_port_is_zero() -> None:
+    section = parse_config("execute n {\n  tcp_port =\n}\n").sections[0]
+    assert execute_settings(section).tcp_port == 0
+
+
+def test_execute_settings_unknown_key() -> None:
+    section = parse_config("execute n {\n  driver = unix\n  execute_nope = 1\n}\n").sections[0]
+    with pytest.raises(ConfigError) as info:
+        execute_settings(section)
+    assert info.value.line == 3
+    assert info.value.message == "line 3: execute n: unknown setting 'execute_nope'"
+    section = parse_config("execute n {\n  name = x\n}\n").sections[0]
+    with pytest.raises(ConfigError, match="unknown setting 'name'"):
+        execute_settings(section)
+
+
+@pytest.mark.parametrize("port", ["x", "-1", "+1", "1.0", "123456", "\u0661", "0x10", " 1"])
+def test_execute_settings_bad_port(port: str) -> None:
+    section = ConfigSection("execute", "n", 5, settings=[("tcp_port", port, 6)])
+    with pytest.raises(ConfigError) as info:
+        execute_settings(section)
+    assert info.value.line == 5
+    assert info.value.message == f"line 5: execute n: invalid tcp_port {port!r}"
+
+
+def test_execute_settings_port_out_of_range() -> None:
+    section = parse_config("execute n {\n  tcp_port = 65536\n}\n").sections[0]
+    with pytest.raises(ConfigError, match="invalid tcp_port 65536"):
+        execute_settings(section)
+
+
+def test_execute_settings_bad_driver() -> None:
+    section = parse_config("\nexecute n {\n  driver = pipe\n}\n").sections[0]
+    with pytest.raises(ConfigError) as info:
+        execute_settings(section)
+    assert info.value.line == 2
+    assert "invalid driver 'pipe'" in info.value.message
+
+
+def test_execute_settings_nested_section() -> None:
+    section = parse_config("execute n {\n  inner {\n  }\n}\n").sections[0]
+    with pytest.raises(ConfigError) as info:
+        execute_settings(section)
+    assert info.value.line == 2
+    assert "unexpected nested section" in info.value.message
+
+
+# --- parse_script_command (7.1) ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("words", "command"),
+    [
+        (["/x.sh"], ScriptCommand((), False, "/x.sh", ())),
+        (
+            ["-e", "FOO,BAR", "/x.sh", "one"],
+            ScriptCommand(("FOO", "BAR"), False, "/x.sh", ("one",)),
+        ),
+        (["-eFOO", "-e", "BAR BAZ", "s"], ScriptCommand(("FOO", "BAR", "BAZ"), False, "s", ())),
+        (["-e", ",\t,", "s"], ScriptCommand((), False, "s", ())),
+        (["-p", "/x.py", "passthru"], ScriptCommand((), True, "/x.py", ("passthru",))),
+        (["-p", "-e", "A", "s"], ScriptCommand(("A",), True, "s", ())),
+        # Options stop at the first non-option: later ones belong to the script.
+        (["s", "-p", "-e", "X"], ScriptCommand((), False, "s", ("-p", "-e", "X"))),
+        (["--", "-s"], ScriptCommand((), False, "-s", ())),
+        (["-", "a"], ScriptCommand((), False, "-", ("a",))),
+    ],
+)
+def test_parse_script_command(words: list[str], command: ScriptCommand) -> None:
+    assert parse_script_command(words) == command
+
+
+@pytest.mark.parametrize(
+    ("words", "message"),
+    [
+        ([], "Missing script path"),
+        (["-p"], "Missing script path"),
+        (["-e", "A"], "Missing script path"),
+        (["--"], "Missing script path"),
+        (["-e"], "option -e needs a value"),
+        (["-x", "s"], "unknown script option '-x'"),
+        (["--long", "s"], "unknown script option '--long'"),
+    ],
+)
+def test_parse_script_command_errors(words: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_script_command(words)
+    assert info.value.message == message
+
+
+# --- find_service (9.6) ------------------------------------------------------------------------
+
+SERVICES = """\
+base_dir = /var/run/dovecot
+service test-script-service {
+  executable = script -e FOO,BAR /usr/local/bin/test-script.sh one
+  user = vmail
+  unix_listener test-script {
+    mode = 0666
+  }
+  unix_listener other {
+    path = /abs/sock
+  }
+  inet_listener script {
+    port = 12345
+  }
+  inet_listener local {
+    port = 2
+    address = 127.0.0.1, ::1,
+  }
+}
+service doc {
+  execute = /usr/libexec/dovecot/script -p /x.py
+}
+service welcome {
+  executable = /usr/bin/python3 x.py
+}
+service empty {
+  user = nobody
+}
+"""
+
+
+def test_find_service() -> None:
+    root = parse_config(SERVICES)
+    service = find_service(root, "test-script-service")
+    assert service == ServiceSettings(
+        name="test-script-service",
+        command=ScriptCommand(("FOO", "BAR"), False, "/usr/local/bin/test-script.sh", ("one",)),
+        unix_listeners=(("/var/run/dovecot/test-script", 0o666), ("/abs/sock", 0o600)),
+        inet_listeners=(("*", 12345), ("::", 12345), ("127.0.0.1", 2), ("::1", 2)),
+        line=2,
+    )
+
+
+def test_find_service_execute_spelling_and_base_dir() -> None:
+    root = parse_config(SERVICES)
+    assert find_service(root, "doc").command == ScriptCommand((), True, "/x.py", ())
+    service = find_service(root, "test-script-service", base_dir="/b")
+    assert service.unix_listeners[0] == ("/b/test-script", 0o666)
+    plain = parse_config("service s {\n  executable = script /x\n  unix_listener l {\n  }\n}\n")
+    assert find_service(plain, "s").unix_listeners == (("/run/dovecot/l", 0o600),)
+
+
+def test_find_service_ignores_other_listeners() -> None:
+    root = parse_config(
+        "service s {\n  executable = script /x\n  fifo_listener f {\n    mode = 0600\n  }\n}\n"
+    )
+    service = find_service(root, "s")
+    assert (service.unix_listeners, service.inet_listeners) == ((), ())
+
+
+def test_find_service_listen_setting() -> None:
+    root = parse_config(
+        "listen = 10.0.0.1\nservice s {\n  executable = script /x\n"
+        "  inet_listener i {\n    port = 9\n  }\n}\n"
+    )
+    assert find_service(root, "s").inet_listeners == (("10.0.0.1", 9),)
+
+
+#: A service "s" with one listener block, whose opening line(s) fill the %s.
+LISTENER = "service s {\n  executable = script /x\n  %s\n  }\n}\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "name", "message"),
+    [
+        (SERVICES, "nosuch", "no service nosuch { .. } block found"),
+        (SERVICES, "empty", "line 25: service empty: no 'executable = script ...' setting"),
+        (
+            SERVICES,
+            "welcome",
+            "line 22: service welcome: executable is '/usr/bin/python3', not the script binary",
+        ),
+        (
+            "service s {\n  executable = script -x /s\n}\n",
+            "s",
+            "line 1: service s: unknown script option '-x'",
+        ),
+        (
+            "service s {\n  executable = script\n}\n",
+            "s",
+            "line 1: service s: Missing script path",
+        ),
+        (
+            "service s {\n  executable = script /x\n  unix_listener {\n  }\n}\n",
+            "s",
+            "line 3: unix_listener without a path",
+        ),
+        (LISTENER % "unix_listener l {\n    mode = 0999", "s",
+         "line 3: invalid unix_listener mode '0999'"),
+        (LISTENER % "unix_listener l {\n    mode = 07777", "s",
+         "line 3: invalid unix_listener mode '07777'"),
+        (LISTENER % "inet_listener i {", "s", "line 3: invalid inet_listener port ''"),
+        (LISTENER % "inet_listener i {\n    port = 0", "s",
+         "line 3: invalid inet_listener port '0'"),
+        (LISTENER % "inet_listener i {\n    port = 65536", "s",
+         "line 3: invalid inet_listener port '65536'"),
+    ],
+)
+def test_find_service_errors(text: str, name: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        find_service(parse_config(text), name)
+    assert info.value.message == message
+
+
+def test_find_service_blank_executable() -> None:
+    root = parse_config('service s {\n  executable = " "\n}\n')
+    with pytest.raises(ConfigError):
+        find_service(root, "s")
+
+
+def test_find_service_non_ascii_port() -> None:
+    root = parse_config(
+        "service s {\n  executable = script /x\n  inet_listener i {\n    port = \u00b2\n  }\n}\n"
+    )
+    with pytest.raises(ConfigError):
+        find_service(root, "s")
