@@ -34,6 +34,8 @@ from __future__ import annotations
 import enum
 from collections import deque
 
+from typing_extensions import Buffer
+
 from ._dot import DotDecoder, DotEncoder
 from ._errors import LocalProtocolError, RemoteProtocolError
 from ._events import (
@@ -147,7 +149,7 @@ class ClientConnection:
             return self._encoder.finish() if self._encoder else b""
         raise LocalProtocolError(f"cannot send {type(event).__name__} in state {state.name}")
 
-    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+    def receive_data(self, data: Buffer) -> None:
         """Add bytes read from the connection; ``b""`` means EOF.
 
         Raises:

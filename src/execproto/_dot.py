@@ -32,6 +32,8 @@ from __future__ import annotations
 import enum
 import re
 
+from typing_extensions import Buffer
+
 from ._errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = ["DotDecoder", "DotEncoder"]
@@ -64,7 +66,7 @@ class DotEncoder:
         self._started = False
         self._finished = False
 
-    def encode(self, data: bytes | bytearray | memoryview) -> bytes:
+    def encode(self, data: Buffer) -> bytes:
         """Encode one chunk of payload.
 
         Raises:
@@ -162,7 +164,7 @@ class DotDecoder:
         """True once the end marker has been decoded."""
         return self._state is _DecState.END
 
-    def decode(self, data: bytes | bytearray | memoryview) -> bytes:
+    def decode(self, data: Buffer) -> bytes:
         """Decode one chunk and return the data it completes (maybe ``b""``)."""
         if not isinstance(data, bytes):
             data = bytes(data)

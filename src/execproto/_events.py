@@ -1,9 +1,10 @@
 """Events exchanged with the connection objects, and the result vocabulary.
 
-Every event is a frozen, slotted dataclass with keyword-only construction.
-Constructors normalise ``str`` to ``bytes`` and validate, raising
-:class:`LocalProtocolError`.  Don't subclass them: callers may dispatch on
-``type(event) is X``.
+Every event is a frozen, slotted dataclass.  The events a caller sends
+(:class:`Request`, :class:`Data`, :class:`ScriptExited`) are built with
+keywords; their constructors normalise ``str`` to ``bytes`` and validate,
+raising :class:`LocalProtocolError`.  The events the core returns are plain.
+All are ``@final``: callers may dispatch on ``type(event) is X``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+
+from typing_extensions import final
 
 from ._errors import LocalProtocolError
 from ._util import BytesLike, EnvLike, Sentinel, to_bytes
@@ -81,6 +84,7 @@ def _env_tuple(env: EnvLike) -> tuple[tuple[bytes, bytes], ...]:
     return tuple(pairs)
 
 
+@final
 @dataclass(frozen=True, slots=True, init=False)
 class Request:
     """Client → service: start a run (the header).
@@ -108,6 +112,7 @@ class Request:
         object.__setattr__(self, "noreply", bool(noreply))
 
 
+@final
 @dataclass(frozen=True, slots=True, init=False)
 class Data:
     """A chunk of payload (client → service) for the script's stdin.
@@ -122,11 +127,13 @@ class Data:
         object.__setattr__(self, "data", to_bytes(data, "data"))
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class EndOfInput:
     """The payload is complete; the adapter then half-closes (or closes)."""
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class Output:
     """A chunk of the script's output, with the result code already removed.
@@ -139,6 +146,7 @@ class Output:
     data: bytes
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class Result:
     """The final outcome of a run; the last event of a connection.
@@ -162,6 +170,7 @@ class Result:
             )
 
 
+@final
 @dataclass(frozen=True, slots=True)
 class ScriptRequest:
     """Service side: a complete, valid header; run the script as described.
@@ -200,6 +209,7 @@ class ScriptRequest:
         return not (self.noreply or self.passthrough)
 
 
+@final
 @dataclass(frozen=True, slots=True, init=False)
 class ScriptExited:
     """Service side: the script has ended (or could not be started).

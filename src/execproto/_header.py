@@ -29,6 +29,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from typing_extensions import Buffer
+
 from ._errors import LocalProtocolError, RemoteProtocolError
 from ._escape import tab_escape, tab_unescape
 from ._events import Request
@@ -229,7 +231,7 @@ class HeaderParser:
         #: Bytes received after the header (the start of the payload).
         self.trailing_data = b""
 
-    def feed(self, data: bytes | bytearray | memoryview) -> ParsedHeader | None:
+    def feed(self, data: Buffer) -> ParsedHeader | None:
         """Take bytes (``b""`` for EOF); return the header once it is complete.
 
         Raises:
@@ -248,7 +250,7 @@ class HeaderParser:
             self._buf = bytearray()  # free it: the connection is over
             raise
 
-    def _feed(self, data: bytes | bytearray | memoryview) -> ParsedHeader | None:
+    def _feed(self, data: Buffer) -> ParsedHeader | None:
         buf = self._buf
         if not data:
             self._check_first_line()

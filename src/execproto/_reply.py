@@ -10,6 +10,8 @@ chunking, and never releases any byte of the result code.
 
 from __future__ import annotations
 
+from typing_extensions import Buffer
+
 from ._errors import LocalProtocolError
 from ._events import Status
 
@@ -38,7 +40,7 @@ class ResultCodeFilter:
         self._total = 0
         self._finished = False
 
-    def feed(self, data: bytes | bytearray | memoryview) -> bytes:
+    def feed(self, data: Buffer) -> bytes:
         """Take one chunk of the reply; return the output it releases."""
         if self._finished:
             raise LocalProtocolError("result code filter already finished")

@@ -17,6 +17,8 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable
 
+from typing_extensions import Buffer
+
 from ._argv import service_argv
 from ._errors import LocalProtocolError, RemoteProtocolError
 from ._events import NEED_DATA, ScriptExited, ScriptRequest
@@ -104,7 +106,7 @@ class ServiceConnection:
         """
         return self._parser.trailing_data
 
-    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+    def receive_data(self, data: Buffer) -> None:
         """Add bytes received (or peeked) from the client; ``b""`` means EOF.
 
         Raises:
