@@ -11,11 +11,11 @@ lint:
 # mypy cannot follow the package-dir mapping of an editable install, so the
 # tests are checked against a tree of links laid out as installed.
 typecheck:
-	$(PYTHON) -m mypy --strict src
+	$(PYTHON) -m mypy --strict --cache-dir build/mypy-src src
 	rm -rf build/typecheck && mkdir -p build/typecheck/execproto
 	ln -s $(CURDIR)/src/execproto/* build/typecheck/execproto/
 	ln -s $(CURDIR)/src/adapters build/typecheck/execproto/adapters
-	MYPYPATH=build/typecheck $(PYTHON) -m mypy --strict tests benchmarks
+	MYPYPATH=build/typecheck $(PYTHON) -m mypy --strict --cache-dir build/mypy-tests tests benchmarks
 
 # The whole suite under coverage; the pure core must stay at >= 95 % line coverage.
 unit:

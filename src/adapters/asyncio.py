@@ -57,7 +57,6 @@ from execproto import (
     ScriptExited,
     ScriptRequest,
     ServiceConnection,
-    Status,
     Target,
     TcpTarget,
     UnixTarget,
@@ -85,6 +84,7 @@ from ._common import (
     log_request,
     peer_label,
     resolve_program,
+    run_timeout_detail,
     spawn,
 )
 
@@ -395,7 +395,6 @@ class _Exchange:
     label: str
     output: OutputCallback | None
     collected: list[bytes] | None
-    write_error: str | None = None
 
     def fail(self, kind: ErrorKind, detail: str) -> RunResult:
         return RunResult.failure(kind, detail, target=self.label,
@@ -417,8 +416,9 @@ class _Exchange:
             await _sendall(sock, conn.send(EndOfInput()))
         except OSError as exc:
             # The service stopped reading (the script ended early): stop
-            # sending, but its result code may still arrive.
-            self.write_error = f"write({self.label}) failed: {exc.strerror}"
+            # sending, but its result code may still arrive; the core
+            # decides what counts.
+            conn.send_failed(f"write({self.label}) failed: {exc.strerror}")
         if conn.reads_reply:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_WR)
@@ -448,8 +448,6 @@ class _Exchange:
                     continue
                 if not isinstance(event, Result):
                     break
-                if self.write_error is not None and event.status is Status.INTERNAL_FAILURE:
-                    return self.fail(ErrorKind.IO, self.write_error)
                 return RunResult.from_result(event, output=_joined(self.collected),
                                              target=self.label)
 
@@ -479,14 +477,12 @@ async def _run_socket(
         try:
             if not conn.reads_reply:
                 await _both(ex.send(header, _Payload(input)), None, deadline)
-                if ex.write_error is not None:
-                    return ex.fail(ErrorKind.IO, ex.write_error)
                 result = conn.next_event()
                 assert isinstance(result, Result)
                 return RunResult.from_result(result, output=None, target=label)
             return await _both(ex.receive(), ex.send(header, _Payload(input)), deadline)
         except _Timeout:
-            return ex.fail(ErrorKind.RUN_TIMEOUT, f"execution timed out (> {timeout} s)")
+            return ex.fail(ErrorKind.RUN_TIMEOUT, run_timeout_detail(timeout))
     finally:
         sock.close()
 
@@ -611,7 +607,7 @@ async def _run_fork(
                 returncode = await _wait_pid(pid, pidfd, left)
             kind, detail, killed = ErrorKind.NONE, "", False
             if returncode is None:
-                kind, detail = ErrorKind.RUN_TIMEOUT, f"execution timed out (> {timeout} s)"
+                kind, detail = ErrorKind.RUN_TIMEOUT, run_timeout_detail(timeout)
                 returncode = await _terminate(pid, pidfd, KILL_TIMEOUT)
                 killed = True
         except BaseException:

@@ -28,6 +28,7 @@ from execproto import (
     NEED_DATA,
     BytesLike,
     ClientConnection,
+    ClientState,
     Data,
     EndOfInput,
     EnvLike,
@@ -40,7 +41,6 @@ from execproto import (
     ScriptExited,
     ScriptRequest,
     ServiceConnection,
-    Status,
     Target,
     TcpTarget,
     fork_argv,
@@ -244,7 +244,6 @@ def _pump_socket(
     sock.setblocking(False)
     pending = memoryview(header)
     sending = True
-    write_error: str | None = None
     sel = selectors.DefaultSelector()
 
     def out() -> bytes | None:
@@ -284,8 +283,6 @@ def _pump_socket(
                             continue
                         if not isinstance(event, Result):
                             break
-                        if write_error is not None and event.status is Status.INTERNAL_FAILURE:
-                            return fail(ErrorKind.IO, write_error)
                         return RunResult.from_result(event, output=out(), target=label)
                 if mask & selectors.EVENT_WRITE and sending:
                     try:
@@ -300,24 +297,17 @@ def _pump_socket(
                                     break
                             sent = sock.send(pending)
                             pending = pending[sent:]
-                            if pending:
-                                break
-                            if conn.state.value == "sent":
+                            if pending or conn.state is ClientState.SENT:
                                 break
                     except BlockingIOError:
                         pass
                     except OSError as exc:
                         # The service stopped reading (the script ended early):
-                        # stop sending, but its result code may still arrive.
-                        write_error = f"write({label}) failed: {exc.strerror}"
-                        sending = False
-                        if not conn.reads_reply:
-                            return fail(ErrorKind.IO, write_error)
-                        with contextlib.suppress(OSError):
-                            sock.shutdown(socket.SHUT_WR)
-                        sel.modify(sock, interest())
-                        continue
-                    if conn.state.value == "sent" and not pending:
+                        # stop sending, but its result code may still arrive;
+                        # the core decides what counts.
+                        conn.send_failed(f"write({label}) failed: {exc.strerror}")
+                        pending = memoryview(b"")
+                    if conn.state is ClientState.SENT and not pending:
                         sending = False
                         if not conn.reads_reply:
                             result = conn.next_event()

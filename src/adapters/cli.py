@@ -222,7 +222,9 @@ def _serve_settings(ns: argparse.Namespace) -> dict[str, Any]:
     listeners.extend(UnixListener(path, mode) for path in ns.unix or ())
     for value in ns.tcp or ():
         try:
-            host, port = parse_hostport(value, 0)
+            # Port 0 asks the kernel for a free port (the log says which).
+            host, port = (value[:-2].strip("[]"), 0) if value.endswith(":0") else (
+                parse_hostport(value, 0))
         except ConfigError as exc:
             raise UsageError(f"--tcp {value}: {exc.message}") from None
         if not host:

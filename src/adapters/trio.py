@@ -61,7 +61,6 @@ from execproto import (
     ScriptExited,
     ScriptRequest,
     ServiceConnection,
-    Status,
     Target,
     TcpTarget,
     UnixTarget,
@@ -280,7 +279,6 @@ class _SocketRun:
         self.sink = sink
         self.label = label
         self.result: RunResult | None = None
-        self.write_error: str | None = None
         self.scope = trio.CancelScope()
 
     def fail(self, kind: ErrorKind, detail: str) -> RunResult:
@@ -311,17 +309,14 @@ class _SocketRun:
             await self._send_all(conn.send(EndOfInput()))
         except OSError as exc:
             # The service stopped reading (the script ended early): stop
-            # sending, but its result code may still arrive.
-            self.write_error = f"write({self.label}) failed: {exc.strerror}"
-            if not conn.reads_reply:
-                self.finish(self.fail(ErrorKind.IO, self.write_error))
-                return
-        else:
-            if not conn.reads_reply:
-                result = conn.next_event()
-                assert isinstance(result, Result)
-                self.finish(RunResult.from_result(result, output=None, target=self.label))
-                return
+            # sending, but its result code may still arrive; the core
+            # decides what counts.
+            conn.send_failed(f"write({self.label}) failed: {exc.strerror}")
+        if not conn.reads_reply:
+            result = conn.next_event()
+            assert isinstance(result, Result)
+            self.finish(RunResult.from_result(result, output=None, target=self.label))
+            return
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_WR)
 
@@ -346,11 +341,8 @@ class _SocketRun:
                     continue
                 if not isinstance(event, Result):
                     break
-                if self.write_error is not None and event.status is Status.INTERNAL_FAILURE:
-                    self.finish(self.fail(ErrorKind.IO, self.write_error))
-                else:
-                    self.finish(RunResult.from_result(event, output=self.sink.data(),
-                                                      target=self.label))
+                self.finish(RunResult.from_result(event, output=self.sink.data(),
+                                                  target=self.label))
                 return
 
 

@@ -110,6 +110,7 @@ class ClientConnection:
         self._ready: deque[bytes] = deque()  # output not yet returned by next_event
         self._eof = False
         self._reset = False
+        self._send_error: str | None = None
         self._result: Result | None = None
 
     @property
@@ -175,6 +176,30 @@ class ClientConnection:
         if data:
             self._ready.append(data)
 
+    def send_failed(self, detail: str = "write failed") -> None:
+        """Report that writing failed (EPIPE, ECONNRESET...): the bytes did not all go.
+
+        Sending is over (``send`` raises from now on); keep reading, because
+        the service may already have sent its result code.  With
+        ``lenient_reset`` a complete result code still counts as the script's
+        verdict; otherwise, or without one, the run ends in an I/O error
+        with *detail*, as Dovecot reports any write error.
+
+        After the Result has been returned it changes nothing (a sender
+        may fail while the reader has already finished).
+
+        Raises:
+            LocalProtocolError: nothing was sent yet, or the connection is in ERROR.
+        """
+        if self.state is ClientState.DONE:
+            return
+        if self.state is not ClientState.SENDING and self.state is not ClientState.SENT:
+            raise LocalProtocolError(f"send_failed() in state {self.state.name}")
+        self._send_error = detail
+        self.state = ClientState.SENT
+        if not self.reads_reply:
+            self._result = Result(Status.INTERNAL_FAILURE, ErrorKind.IO, detail)
+
     def receive_reset(self) -> None:
         """Report that the peer reset the connection (ECONNRESET) while reading.
 
@@ -225,9 +250,14 @@ class ClientConnection:
                 self._decoder.finish()
             except RemoteProtocolError as exc:
                 problems.append(exc.message)
-        if self._reset and (problems or not self._lenient_reset or verdict_missing):
+        broken = self._send_error or ("connection reset by peer" if self._reset else None)
+        if broken is None and self.state is ClientState.SENDING:
+            # The reply ended before the whole payload went out: Dovecot's
+            # client would go on writing and fail on the closed connection.
+            broken = "the service closed the connection before the whole payload was sent"
+        if broken is not None and (problems or not self._lenient_reset or verdict_missing):
             # Without a complete result code a reset may have lost data.
-            result = Result(Status.INTERNAL_FAILURE, ErrorKind.IO, "connection reset by peer")
+            result = Result(Status.INTERNAL_FAILURE, ErrorKind.IO, broken)
         elif problems:
             result = Result(Status.INTERNAL_FAILURE, ErrorKind.PROTOCOL, "; ".join(problems))
         else:

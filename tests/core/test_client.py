@@ -217,9 +217,9 @@ def test_receive_data_accepts_bytearray() -> None:
     buf = bytearray(b"ab+")
     conn = ClientConnection()
     send_request(conn, Request())
-    conn.receive_data(buf)  # type: ignore[arg-type]
+    conn.receive_data(buf)
     buf[:] = b"XYZ"  # the adapter reuses its buffer
-    conn.receive_data(bytearray(b"\n"))  # type: ignore[arg-type]
+    conn.receive_data(bytearray(b"\n"))
     assert client_output(get_client_events(conn, [])) == (b"ab", OK)
 
 
@@ -230,9 +230,9 @@ def test_receive_data_copies_memoryview(dot: bool) -> None:
     buf = bytearray(b"x\r\n.\r\n+" if dot else b"out+")
     conn = ClientConnection(dot=dot)
     send_request(conn, Request())
-    conn.receive_data(memoryview(buf))  # type: ignore[arg-type]
+    conn.receive_data(memoryview(buf))
     buf[:] = b"?" * len(buf)  # the adapter reuses its buffer
-    conn.receive_data(memoryview(b"\n"))  # type: ignore[arg-type]
+    conn.receive_data(memoryview(b"\n"))
     events = get_client_events(conn, [])
     assert client_output(events) == (b"x" if dot else b"out", OK)
     assert all(type(e.data) is bytes for e in events if isinstance(e, Output))

@@ -258,8 +258,8 @@ def test_decoder_accepts_bytearray() -> None:
     # The codecs take bytes (ClientConnection converts whatever it receives);
     # a bytearray works too.
     decoder = DotDecoder()
-    assert decoder.decode(bytearray(b"a\n.b\nc")) == b"a\nb\nc"  # type: ignore[arg-type]
-    assert decoder.decode(bytearray(b"\n.\n")) == b""  # type: ignore[arg-type]
+    assert decoder.decode(bytearray(b"a\n.b\nc")) == b"a\nb\nc"
+    assert decoder.decode(bytearray(b"\n.\n")) == b""
     assert decoder.ended
 
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import typing_extensions
 
 import execproto
 
@@ -97,8 +98,10 @@ def test_the_checker_catches_every_form() -> None:
 def loaded_modules(code: str, *flags: str) -> set[str]:
     """The module names loaded after running *code* in a fresh interpreter."""
     env = dict(os.environ)
+    # The core's one dependency must be importable without site-packages too.
+    deps = os.path.dirname(typing_extensions.__file__)
     env["PYTHONPATH"] = os.pathsep.join(
-        [str(CORE.parent), *filter(None, [env.get("PYTHONPATH")])]
+        [str(CORE.parent), deps, *filter(None, [env.get("PYTHONPATH")])]
     )
     result = subprocess.run(
         [sys.executable, *flags, "-c", f"{code}\nimport json, sys\n"

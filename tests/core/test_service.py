@@ -349,8 +349,8 @@ def test_send_wrong_event() -> None:
 
 def test_receive_data_accepts_bytes_like() -> None:
     conn = ServiceConnection("/s")
-    conn.receive_data(bytearray(V))  # type: ignore[arg-type]
-    conn.receive_data(memoryview(b"-\n\nP"))  # type: ignore[arg-type]
+    conn.receive_data(bytearray(V))
+    conn.receive_data(memoryview(b"-\n\nP"))
     request = conn.next_event()
     assert isinstance(request, ScriptRequest)
     assert conn.trailing_data == b"P"

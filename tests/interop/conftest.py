@@ -8,6 +8,7 @@ then they fail, so they can never be skipped silently in CI.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -21,12 +22,28 @@ from .dovecot import (
     dovecot_binary,
     script_binary,
 )
+from .tools import FLAVOURS, child_processes, load_flavour
+
+SETTLE = 5.0
+"""Seconds child processes may take to go away after a module."""
 
 
 def _unavailable(reason: str) -> NoReturn:
     if "CI" in os.environ:
         pytest.fail(f"interop tests cannot run in CI: {reason}", pytrace=False)
     pytest.skip(reason)
+
+
+@pytest.fixture(params=FLAVOURS)
+def flavour(request: pytest.FixtureRequest) -> str:
+    """Each adapter flavour's name in turn.
+
+    A flavour whose module does not import (yet) is skipped, or failed when
+    ``CI`` is set.
+    """
+    name: str = request.param
+    load_flavour(name)
+    return name
 
 
 @pytest.fixture(scope="session")
@@ -69,3 +86,20 @@ def start_dovecot(
 def module_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A temporary directory shared by the tests of one module."""
     return tmp_path_factory.mktemp("interop")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_stray_processes() -> Iterator[None]:
+    """Fail a module that leaves child processes (zombies included) behind.
+
+    Autouse, so it is set up before and torn down after the module's other
+    fixtures (the Dovecot masters, the ``serve`` processes).
+    """
+    before = set(child_processes())
+    yield
+    deadline = time.monotonic() + SETTLE
+    while (left := {p: s for p, s in child_processes().items() if p not in before}) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.05)
+    assert not left, f"child processes left behind (pid: state): {left}"

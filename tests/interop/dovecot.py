@@ -229,6 +229,11 @@ class PrivateDovecot:
     It must run as root. If no directory is given, a temporary one is
     created and removed again by :meth:`stop`.
 
+    ``extra_config`` is appended to the generated dovecot.conf (for mail
+    settings, passdb/userdb...); ``wait_for`` names more unix listeners,
+    relative to ``base_dir`` (e.g. ``auth-userdb``), to wait for in
+    :meth:`start`.
+
     :meth:`start` returns once every listener is listening (checked through
     /proc, without connecting, so no service process is started).
     """
@@ -238,10 +243,14 @@ class PrivateDovecot:
         services: Sequence[ScriptService],
         directory: Path | None = None,
         binary: str | None = None,
+        extra_config: str = "",
+        wait_for: Sequence[str] = (),
     ) -> None:
         if len({s.name for s in services}) != len(services):
             raise ValueError("service names must be unique")
         self.services = list(services)
+        self.extra_config = extra_config
+        self.wait_for = list(wait_for)
         self._own_directory = directory is None
         self.directory = (
             Path(tempfile.mkdtemp(prefix="dovecot-")) if directory is None else directory
@@ -283,7 +292,7 @@ class PrivateDovecot:
             "",
         ]
         blocks = [s.config(script, self.ports.get(s.name)) for s in self.services]
-        return "\n".join(head) + "\n".join(blocks)
+        return "\n".join(head) + "\n".join(blocks) + self.extra_config
 
     def log_text(self) -> str:
         """Return the Dovecot log so far, latin-1 decoded."""
@@ -332,6 +341,9 @@ class PrivateDovecot:
             if len(os.fsencode(path)) > 107:
                 raise ValueError(f"socket path too long: {path}")
         self.config_path.write_text(self.config_text())
+        for service in self.services:
+            # The master does not create a listener's parent directory.
+            (self.base_dir / service.listener).parent.mkdir(parents=True, exist_ok=True)
         with self.stderr_path.open("wb") as stderr:
             self._process = subprocess.Popen(
                 [self.binary, "-F", "-c", str(self.config_path)],
@@ -355,7 +367,9 @@ class PrivateDovecot:
 
     def _ready(self) -> bool:
         paths, ports = _listening()
-        return all(str(self.socket_path(s.name)) in paths for s in self.services) and all(
+        wanted = [self.socket_path(s.name) for s in self.services]
+        wanted += [self.base_dir / name for name in self.wait_for]
+        return all(str(p) in paths for p in wanted) and all(
             port in ports for port in self.ports.values()
         )
 

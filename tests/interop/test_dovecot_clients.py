@@ -1,0 +1,345 @@
+"""Dovecot's own clients against ``execproto serve`` (every flavour, over unix).
+
+* The 2.3 quota plugin's warning (``doveadm save`` crosses a tiny quota's
+  threshold): a synchronous ``noreply`` request, then close.
+* Pigeonhole's ``sieve-test`` with ``vnd.dovecot.filter``, ``.execute`` and
+  ``.pipe``, which use the program client in reply mode with a payload and
+  ``env_`` lines. The same sieve script runs once against Dovecot's own
+  ``script`` services and once per flavour against ``execproto serve``; the
+  results must be the same.
+
+Dovecot's mail processes refuse to run as root, so the mail user is uid
+65534 and everything it touches (the maildir, the sockets, the sieve
+script) lives in a directory outside pytest's private temporary tree.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .dovecot import PrivateDovecot, ScriptService
+from .tools import (
+    FLAVOURS,
+    RUN_LIMIT,
+    ServeProcess,
+    read_records,
+    unavailable,
+    wait_records,
+    write_probe,
+)
+
+NOBODY = 65534
+MAIL_SENDER = "sender@example.com"
+MAIL_RECIPIENT = "rcpt@example.com"
+MAIL_ORIG_RECIPIENT = "orig@example.com"
+SIEVE_USER = "sieveuser"
+
+
+def tool(name: str) -> str:
+    """Path of a Dovecot tool; skips the test (fails it under CI) if missing."""
+    found = shutil.which(name) or f"/usr/bin/{name}"
+    if not os.access(found, os.X_OK):
+        unavailable(f"{name} not found")
+    return found
+
+
+@pytest.fixture(scope="module")
+def public_dir(dovecot_path: str) -> Iterator[Path]:
+    """A fresh directory uid 65534 can enter (pytest's tree is mode 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="execproto-interop-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def serve_args(flavour: str, socket: Path, probe: Path, *script_args: str,
+               allow: str = "") -> list[str]:
+    """``execproto serve`` arguments: the probe on a unix socket anyone may use."""
+    options = ["--adapter", flavour, "--unix", str(socket), "--mode", "0666"]
+    if allow:
+        options += ["-e", allow]
+    return [*options, str(probe), *script_args]
+
+
+# --- quota warnings ---------------------------------------------------------------
+
+
+@dataclass
+class Quota:
+    """A private Dovecot with quota warnings to ``unix:<root>/<user>.sock``."""
+
+    dovecot: PrivateDovecot
+    root: Path
+    probe: Path
+
+    def records(self, backend: str) -> Path:
+        path = self.root / f"records-{backend}"
+        path.mkdir(exist_ok=True)
+        return path
+
+    def save(self, user: str) -> subprocess.CompletedProcess[bytes]:
+        """Deliver a 1.5 KB message (15% of the 10 KB quota) with doveadm."""
+        message = b"From: a@example.com\r\nSubject: quota\r\n\r\n" + b"x" * 1500 + b"\r\n"
+        return subprocess.run(
+            [tool("doveadm"), "-c", str(self.dovecot.config_path), "save", "-u", user],
+            input=message, capture_output=True, timeout=RUN_LIMIT, check=False,
+        )
+
+
+@pytest.fixture(scope="module")
+def quota(public_dir: Path, dovecot_path: str) -> Iterator[Quota]:
+    root = public_dir / "quota"
+    mail = root / "mail"
+    mail.mkdir(parents=True)
+    os.chown(mail, NOBODY, NOBODY)
+    users = root / "users"
+    users.write_text("".join(
+        f"qw-{name}:{{PLAIN}}secret:{NOBODY}:{NOBODY}::{mail}/qw-{name}::\n"
+        for name in ("dovecot", "raw", *FLAVOURS)))
+    probe = write_probe(root / "probe.py")
+    # The 2.3 syntax: rule, then target (a ':' makes a scheme), then args;
+    # %u also picks the socket, so each backend gets its own user.
+    extra = f"""
+mail_location = maildir:~/Maildir
+mail_plugins = quota
+passdb {{
+  driver = passwd-file
+  args = {users}
+}}
+userdb {{
+  driver = passwd-file
+  args = {users}
+}}
+plugin {{
+  quota = maildir:User quota
+  quota_rule = *:storage=10K
+  quota_warning = storage=5%% unix:{root}/%u.sock 10 %u
+}}
+"""
+    service = ScriptService("qw-dovecot", probe, args=(str(root / "records-dovecot"), "raw"),
+                            unix_listener=str(root / "qw-dovecot.sock"))
+    dovecot = PrivateDovecot([service], directory=root / "dovecot", binary=dovecot_path,
+                             extra_config=extra, wait_for=["auth-userdb"])
+    dovecot.start()
+    try:
+        yield Quota(dovecot, root, probe)
+    finally:
+        dovecot.stop()
+
+
+def check_quota_warning(quota: Quota, backend: str, records: Path) -> None:
+    user = f"qw-{backend}"
+    saved = quota.save(user)
+    assert saved.returncode == 0, saved.stderr.decode(errors="replace")
+    (record,) = wait_records(records)
+    # Request b"VERSION\tscript\t4\t0\nnoreply\n10\n<user>\n\n", then close.
+    assert record["argv"] == [str(quota.probe), str(records), "raw", "10", user]
+    assert record["env"] == {}
+    assert record["stdin"] == ""
+
+
+def test_quota_warning_reference(quota: Quota) -> None:
+    """The same warning through Dovecot's own script service."""
+    check_quota_warning(quota, "dovecot", quota.records("dovecot"))
+
+
+def test_quota_warning_request_bytes(quota: Quota) -> None:
+    """The exact request, seen by a passthrough (``-p``) service."""
+    records = quota.records("raw")
+    args = ["-p", *serve_args("blocking", quota.root / "qw-raw.sock", quota.probe,
+                              str(records), "raw", "request")]
+    with ServeProcess(args, quota.root / "serve-raw.log") as serve:
+        saved = quota.save("qw-raw")
+        assert saved.returncode == 0, saved.stderr.decode(errors="replace")
+        (record,) = wait_records(records)
+    assert serve.stop() == 0
+    # Synchronous, noreply, no env, no payload (PROTOCOL.md 2.11, CV-04).
+    assert record["stdin"] == "VERSION\tscript\t4\t0\nnoreply\n10\nqw-raw\n\n"
+    assert record["argv"] == [str(quota.probe), str(records), "raw", "request"]
+
+
+def test_quota_warning(quota: Quota, flavour: str) -> None:
+    records = quota.records(flavour)
+    log = quota.root / f"serve-{flavour}.log"
+    args = serve_args(flavour, quota.root / f"qw-{flavour}.sock", quota.probe, str(records),
+                      "raw")
+    with ServeProcess(args, log) as serve:
+        check_quota_warning(quota, flavour, records)
+    assert serve.stop() == 0
+    assert f"args=[10 qw-{flavour}]" in serve.log(), serve.log()
+
+
+# --- Pigeonhole extprograms ----------------------------------------------------------
+
+SIEVE_SCRIPT = """\
+require ["vnd.dovecot.filter", "vnd.dovecot.execute", "vnd.dovecot.pipe", "variables"];
+filter "upper" ["one", "two words"];
+execute :pipe :output "out" "exec" ["x", "y z"];
+if header :is "x-filtered" "one two words" {
+  pipe "pipe" ["p1\tliteral tab", "${out}"];
+}
+keep;
+"""
+MESSAGE = b"From: a@example.com\nTo: rcpt@example.com\nSubject: hello\n\nbody line\n.dot\n"
+# socket directory (relative to base_dir), program name, probe action
+PROGRAMS = [
+    ("sieve-filter", "upper", "filter"),
+    ("sieve-execute", "exec", "exec"),
+    ("sieve-pipe", "pipe", "pipe"),
+]
+ALLOW = "USER,SENDER,RECIPIENT"
+
+
+@dataclass
+class SieveRun:
+    """What one ``sieve-test`` run produced."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    records: dict[str, dict[str, Any]]
+    stored: list[bytes]
+
+
+@dataclass
+class Sieve:
+    """Files for the sieve-test runs, and Dovecot's own services for them."""
+
+    root: Path
+    probe: Path
+    records: Path
+    dovecot: PrivateDovecot
+
+    def run(self, base_dir: Path, name: str) -> SieveRun:
+        """Run the sieve script on the message with sockets under ``base_dir``."""
+        for old in self.records.iterdir():
+            old.unlink()
+        work = self.root / f"work-{name}"
+        work.mkdir()
+        (work / "test.sieve").write_text(SIEVE_SCRIPT)
+        (work / "msg.eml").write_bytes(MESSAGE)
+        (work / "mail").mkdir()
+        for path in (work, work / "mail", work / "test.sieve"):
+            os.chown(path, NOBODY, NOBODY)  # sieve-test saves the compiled script
+        config = work / "sieve.conf"
+        config.write_text(f"""\
+base_dir = {base_dir}
+mail_location = maildir:{work}/mail
+plugin {{
+  sieve_plugins = sieve_extprograms
+  sieve_extensions = +vnd.dovecot.filter +vnd.dovecot.execute +vnd.dovecot.pipe
+  sieve_filter_socket_dir = sieve-filter
+  sieve_execute_socket_dir = sieve-execute
+  sieve_pipe_socket_dir = sieve-pipe
+}}
+""")
+        # Mail processes do not run as root: run it as uid 65534. Without -u
+        # it takes USER and HOME from the environment, and no userdb.
+        done = subprocess.run(
+            [tool("sieve-test"), "-c", str(config), "-e", "-t", "-", "-T", "level=commands",
+             "-f", MAIL_SENDER, "-r", MAIL_RECIPIENT, "-a", MAIL_ORIG_RECIPIENT,
+             str(work / "test.sieve"), str(work / "msg.eml")],
+            capture_output=True, timeout=RUN_LIMIT, check=False,
+            env={"USER": SIEVE_USER, "HOME": str(work), "PATH": os.environ.get("PATH", "")},
+            user=NOBODY, group=NOBODY, extra_groups=[],
+        )
+        records = {}
+        for record in read_records(self.records):
+            action = record["argv"][3]
+            assert action not in records, f"{action} ran twice"
+            records[action] = record
+        stored = [p.read_bytes() for p in sorted((work / "mail").glob("**/new/*"))]
+        return SieveRun(done.returncode, done.stdout.decode(errors="replace"),
+                        done.stderr.decode(errors="replace"), records, stored)
+
+
+@pytest.fixture(scope="module")
+def sieve(public_dir: Path, dovecot_path: str) -> Iterator[Sieve]:
+    tool("sieve-test")
+    root = public_dir / "sieve"
+    records = root / "records"
+    records.mkdir(parents=True)
+    probe = write_probe(root / "probe.py")
+    services = [
+        ScriptService(f"{directory}-{program}", probe, args=(str(records), "raw", action),
+                      env_allowlist=ALLOW.split(","), unix_listener=f"{directory}/{program}")
+        for directory, program, action in PROGRAMS
+    ]
+    dovecot = PrivateDovecot(services, directory=root / "dovecot", binary=dovecot_path)
+    dovecot.start()
+    try:
+        yield Sieve(root, probe, records, dovecot)
+    finally:
+        dovecot.stop()
+
+
+@pytest.fixture(scope="module")
+def sieve_reference(sieve: Sieve) -> SieveRun:
+    """The sieve-test run against Dovecot's own script services."""
+    return sieve.run(sieve.dovecot.base_dir, "dovecot")
+
+
+def test_sieve_reference(sieve: Sieve, sieve_reference: SieveRun) -> None:
+    """What Pigeonhole and Dovecot's script service do, pinned."""
+    run = sieve_reference
+    assert run.returncode == 0, run.stderr
+    prefix = [str(sieve.probe), str(sieve.records), "raw"]
+    # env_ lines for USER, HOME, HOST, SENDER, RECIPIENT, ORIG_RECIPIENT
+    # (PROTOCOL.md 2.11); the service keeps the -e names.
+    env = {"USER": SIEVE_USER, "SENDER": MAIL_SENDER, "RECIPIENT": MAIL_RECIPIENT}
+    crlf = MESSAGE.replace(b"\n", b"\r\n")
+    filtered = b"X-Filtered: one two words\r\n" + crlf
+    assert run.records["filter"] == {
+        "argv": [*prefix, "filter", "one", "two words"], "env": env,
+        "stdin": crlf.decode(), "stdin_sha256": run.records["filter"]["stdin_sha256"],
+    }
+    assert run.records["exec"]["argv"] == [*prefix, "exec", "x", "y z"]
+    assert run.records["exec"]["stdin"] == filtered.decode()
+    # Sieve allows TAB (not CR, LF) in program arguments; both the literal
+    # one and the one in the execute output are sent tab-escaped.
+    assert run.records["pipe"]["argv"] == [*prefix, "pipe", "p1\tliteral tab", "exec\toutput"]
+    assert run.records["pipe"]["stdin"] == filtered.decode()
+    assert all(r["env"] == env for r in run.records.values())
+    # keep stored the filtered message (maildir: LF line ends).
+    assert run.stored == [filtered.replace(b"\r\n", b"\n")]
+    assert "executed program successfully" in run.stdout
+    assert "changed message" in run.stdout
+    assert "final result: success" in run.stderr
+
+
+def test_sieve_against_serve(sieve: Sieve, sieve_reference: SieveRun, flavour: str) -> None:
+    base = sieve.root / f"serve-{flavour}"
+    servers = []
+    try:
+        for directory, program, action in PROGRAMS:
+            args = serve_args(flavour, base / directory / program, sieve.probe,
+                              str(sieve.records), "raw", action, allow=ALLOW)
+            (base / directory).mkdir(parents=True, exist_ok=True)
+            servers.append(ServeProcess(args, sieve.root / f"{flavour}-{program}.log").start())
+        ours = sieve.run(base, flavour)
+    finally:
+        codes = [serve.stop() for serve in servers]
+    assert codes == [0] * len(PROGRAMS)
+    reference = sieve_reference
+
+    def normal(text: str, base_dir: Path) -> str:
+        return text.replace(str(base_dir), "BASE_DIR")
+
+    assert ours.returncode == reference.returncode, ours.stderr
+    assert ours.stdout == reference.stdout
+    assert normal(ours.stderr, base) == normal(reference.stderr, sieve.dovecot.base_dir)
+    assert ours.records == reference.records
+    assert ours.stored == reference.stored
+    for serve in servers:
+        # The socket files are gone after SIGTERM.
+        assert not any(Path(a).exists() for a in serve.addresses)
+
