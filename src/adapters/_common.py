@@ -30,6 +30,7 @@ from execproto import (
     ErrorKind,
     ForkTarget,
     LocalProtocolError,
+    RemoteProtocolError,
     Result,
     ScriptRequest,
     ServiceConnection,
@@ -51,6 +52,7 @@ __all__ = [
     "Listener",
     "RunResult",
     "ServiceConfig",
+    "SocketFile",
     "TcpListener",
     "UnixListener",
     "bind_listener",
@@ -62,6 +64,7 @@ __all__ = [
     "exit_result",
     "fork_result",
     "listener_address",
+    "log_bad_header",
     "log_request",
     "peer_label",
     "resolve_program",
@@ -264,7 +267,12 @@ def describe_connect_error(label: str, exc: OSError) -> tuple[ErrorKind, str]:
             f"egid={os.getegid()}; {_missing_permission(path)})"
         )
     text = exc.strerror or str(exc)
-    return ErrorKind.IO, f"connect({label}) failed: {text}"
+    if isinstance(exc, socket.gaierror):
+        host = label[4:].rpartition(":")[0].strip("[]")
+        return ErrorKind.IO, f"Cannot resolve `{host}': {text}"
+    # Dovecot: a unix connect error is IO; tcp "all addresses failed" is OTHER.
+    kind = ErrorKind.OTHER if label.startswith("tcp:") else ErrorKind.IO
+    return kind, f"connect({label}) failed: {text}"
 
 
 def _missing_permission(path: str) -> str:
@@ -314,6 +322,19 @@ def log_request(
     """Write the one log line per request: peer, args (sanitized), outcome, duration."""
     logger.info("%s: args=[%s] %s duration=%.3fs", peer, sanitize_args(request.args), how,
                 duration)
+
+
+def log_bad_header(logger: logging.Logger, peer: str, error: RemoteProtocolError) -> None:
+    """Log a dropped header: one warning, or a debug line for a bare connect.
+
+    A client that connects and closes without sending a byte is a health
+    check (a load balancer, a monitor), not a problem worth a warning.
+    """
+    level = logging.DEBUG if error.message.startswith(_BARE_CONNECT) else logging.WARNING
+    logger.log(level, "%s: %s", peer, error.message)
+
+
+_BARE_CONNECT = "disconnected before the end of the header (0 bytes"
 
 
 def sanitize_args(args: Iterable[bytes], limit: int = 200) -> str:
@@ -414,12 +435,38 @@ def _unix_alive(path: str) -> bool:
     return True
 
 
-def bind_listener(spec: Listener, backlog: int = 128) -> tuple[socket.socket, str | None]:
+@dataclass(frozen=True)
+class SocketFile:
+    """A unix socket file a service created, to remove when it stops.
+
+    Fields:
+        path: where it is.
+        ident: ``(st_dev, st_ino)`` right after it was created.
+    """
+
+    path: str
+    ident: tuple[int, int]
+
+    def remove(self) -> None:
+        """Unlink the file, unless it is gone or is no longer ours.
+
+        Another service may have replaced it meanwhile (an overlapping
+        restart); its socket must survive our stop.
+        """
+        try:
+            st = os.lstat(self.path)
+            if (st.st_dev, st.st_ino) == self.ident:
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def bind_listener(spec: Listener, backlog: int = 128) -> tuple[socket.socket, SocketFile | None]:
     """Create the listening socket for *spec*.
 
     Returns:
-        ``(sock, path)``: *path* is the unix socket file this call created
-        (to remove on stop), else None.
+        ``(sock, socket_file)``: the unix socket file this call created (to
+        remove on stop), else None.
 
     Raises:
         OSError: the address is in use (a live unix socket included) or
@@ -465,6 +512,7 @@ def bind_listener(spec: Listener, backlog: int = 128) -> tuple[socket.socket, st
         os.chmod(tmp_path, spec.mode)
         sock.listen(backlog)
         os.rename(tmp_path, path)
+        st = os.lstat(path)
     except BaseException:
         sock.close()
         raise
@@ -472,7 +520,7 @@ def bind_listener(spec: Listener, backlog: int = 128) -> tuple[socket.socket, st
         if os.path.lexists(tmp_path):
             os.unlink(tmp_path)
         os.rmdir(private)
-    return sock, path
+    return sock, SocketFile(path, (st.st_dev, st.st_ino))
 
 
 @dataclass

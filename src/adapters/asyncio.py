@@ -73,6 +73,7 @@ from ._common import (
     Listener,
     RunResult,
     ServiceConfig,
+    SocketFile,
     bind_listener,
     coerce_target,
     describe_connect_error,
@@ -81,6 +82,7 @@ from ._common import (
     env_bytes,
     fork_result,
     listener_address,
+    log_bad_header,
     log_request,
     peer_label,
     resolve_program,
@@ -828,7 +830,7 @@ class _Service:
         self.config = config
         self._sockets: list[socket.socket] = []
         self._names: dict[int, Address] = {}
-        self._paths: list[str] = []
+        self._paths: list[SocketFile] = []
         self._jobs: dict[asyncio.Task[None], _Job] = {}
         self._slots = asyncio.Semaphore(config.max_connections)
         try:
@@ -901,9 +903,8 @@ class _Service:
         for sock in self._sockets:
             sock.close()
         self._sockets.clear()
-        for path in self._paths:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+        for socket_file in self._paths:
+            socket_file.remove()
         self._paths.clear()
 
     async def _wait_jobs(self, timeout: float | None) -> bool:
@@ -947,7 +948,10 @@ class _Service:
             how = await self._run_script(conn, svc, request, job)
             log_request(logger, peer, request, how, time.monotonic() - started)
         except RemoteProtocolError as exc:
-            logger.warning("%s: %s", peer, exc.message)
+            log_bad_header(logger, peer, exc)
+            # Read what the client still sends before closing, so the close
+            # is not a reset (bounded).
+            await _close_gently(conn, min(1.0, self.config.header_timeout))
         except _Timeout:
             logger.warning("%s: header not received within %s s", peer,
                            self.config.header_timeout)
@@ -1025,8 +1029,11 @@ class _Service:
             how += describe_returncode(returncode)
         conn.setblocking(False)  # the script is gone: the socket is ours again
         reply = svc.send(ScriptExited(returncode=returncode))
-        if reply:
-            await _sendall(conn, reply)
+        try:
+            if reply:
+                await _sendall(conn, reply)
+        except OSError as exc:
+            how += f", client gone: {exc.strerror}"
         await _close_gently(conn, self.config.header_timeout)
         return how
 

@@ -56,6 +56,7 @@ from ._common import (
     Listener,
     RunResult,
     ServiceConfig,
+    SocketFile,
     bind_listener,
     coerce_target,
     describe_connect_error,
@@ -64,6 +65,7 @@ from ._common import (
     env_bytes,
     fork_result,
     listener_address,
+    log_bad_header,
     log_request,
     peer_label,
     resolve_program,
@@ -499,7 +501,7 @@ class Service:
         self.config = config
         self._sockets: list[socket.socket] = []
         self._names: dict[int, str | tuple[str, int]] = {}
-        self._paths: list[str] = []
+        self._paths: list[SocketFile] = []
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
         self._threads: set[threading.Thread] = set()
@@ -590,9 +592,8 @@ class Service:
         for sock in self._sockets:
             sock.close()
         self._sockets.clear()
-        for path in self._paths:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+        for socket_file in self._paths:
+            socket_file.remove()
         self._paths.clear()
 
     def _wind_down(self) -> None:
@@ -623,7 +624,7 @@ class Service:
             status = self._run_script(conn, svc, request)
             log_request(logger, peer_text, request, status, time.monotonic() - started)
         except RemoteProtocolError as exc:
-            logger.warning("%s: %s", peer_text, exc.message)
+            log_bad_header(logger, peer_text, exc)
             # Close without reply, but read what the client still sends first,
             # so that the close is not a reset (bounded: a hostile client
             # cannot keep the slot).
@@ -696,8 +697,11 @@ class Service:
                     self._pids.discard(pid)
             how += describe_returncode(returncode)
         reply = svc.send(ScriptExited(returncode=returncode))
-        if reply:
-            conn.sendall(reply)
+        try:
+            if reply:
+                conn.sendall(reply)
+        except OSError as exc:
+            how += f", client gone: {exc.strerror}"
         _close_gently(conn, self.config.header_timeout)
         return how
 

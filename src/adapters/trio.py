@@ -77,6 +77,7 @@ from ._common import (
     Listener,
     RunResult,
     ServiceConfig,
+    SocketFile,
     bind_listener,
     coerce_target,
     describe_connect_error,
@@ -85,6 +86,7 @@ from ._common import (
     env_bytes,
     fork_result,
     listener_address,
+    log_bad_header,
     log_request,
     peer_label,
     resolve_program,
@@ -729,7 +731,7 @@ class _Service:
     def __init__(self, listeners: Sequence[Listener], config: ServiceConfig) -> None:
         self.config = config
         self._sockets: list[tuple[socket.socket, Address]] = []
-        self._paths: list[str] = []
+        self._paths: list[SocketFile] = []
         self._pids: set[int] = set()
         self._slots = trio.Semaphore(config.max_connections)
         self._stopping = trio.Event()
@@ -805,9 +807,8 @@ class _Service:
                 trio.lowlevel.notify_closing(sock)
             sock.close()
         self._sockets.clear()
-        for path in self._paths:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+        for socket_file in self._paths:
+            socket_file.remove()
         self._paths.clear()
 
     def _signal_all(self, signum: int) -> None:
@@ -837,7 +838,10 @@ class _Service:
             status = await self._run_script(conn, svc, request)
             log_request(logger, peer_text, request, status, trio.current_time() - started)
         except RemoteProtocolError as exc:
-            logger.warning("%s: %s", peer_text, exc.message)
+            log_bad_header(logger, peer_text, exc)
+            # Read what the client still sends before closing, so the close
+            # is not a reset (bounded).
+            await _close_gently(conn, min(1.0, self.config.header_timeout))
         except _Timeout:
             logger.warning("%s: header not received within %s s", peer_text,
                            self.config.header_timeout)
@@ -908,11 +912,14 @@ class _Service:
             os.set_blocking(fd, False)
         reply = svc.send(ScriptExited(returncode=returncode))
         timeout = self.config.header_timeout
-        with trio.move_on_after(timeout):
-            view = memoryview(reply)
-            while view:
-                sent: int = await conn.send(view)
-                view = view[sent:]
+        try:
+            with trio.move_on_after(timeout):
+                view = memoryview(reply)
+                while view:
+                    sent: int = await conn.send(view)
+                    view = view[sent:]
+        except OSError as exc:
+            how += f", client gone: {exc.strerror}"
         await _close_gently(conn, timeout)
         return how
 

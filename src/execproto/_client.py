@@ -251,10 +251,6 @@ class ClientConnection:
             except RemoteProtocolError as exc:
                 problems.append(exc.message)
         broken = self._send_error or ("connection reset by peer" if self._reset else None)
-        if broken is None and self.state is ClientState.SENDING:
-            # The reply ended before the whole payload went out: Dovecot's
-            # client would go on writing and fail on the closed connection.
-            broken = "the service closed the connection before the whole payload was sent"
         if broken is not None and (problems or not self._lenient_reset or verdict_missing):
             # Without a complete result code a reset may have lost data.
             result = Result(Status.INTERNAL_FAILURE, ErrorKind.IO, broken)

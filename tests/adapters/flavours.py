@@ -342,14 +342,15 @@ class Flavour:
     @contextlib.contextmanager
     def serving(self, listeners: Sequence[Listener], script: str,
                 script_args: Sequence[str] = (), *, limit: float = START_LIMIT,
-                **options: Any) -> Iterator[list[Address]]:
+                check_socket_files: bool = True, **options: Any) -> Iterator[list[Address]]:
         """Run the flavour's service in a thread; yield its bound addresses.
 
         On exit the service is stopped (blocking: ``stop()``; asyncio: the
         task is cancelled; trio: its cancel scope is cancelled) and must end
         within grace + kill timeout + *limit* seconds, the way the design
         says (asyncio and trio re-raise the cancellation), having removed its
-        unix socket files.  ``options`` are ``serve()``'s keyword arguments;
+        unix socket files (unless *check_socket_files* is false: a test replaced
+        them).  ``options`` are ``serve()``'s keyword arguments;
         ``grace`` defaults to 0.5 s here.
         """
         options.setdefault("grace", TEST_GRACE)
@@ -367,12 +368,13 @@ class Flavour:
         finally:
             # Raised while another exception propagates, this one shows
             # both (as its __context__).
-            problems = self._stop(handle, limit)
+            problems = self._stop(handle, limit, check_socket_files)
             if problems:
                 raise AssertionError(f"{self.name} service did not stop cleanly: "
                                      + "; ".join(problems)) from handle.error
 
-    def _stop(self, handle: _ServiceHandle, limit: float) -> list[str]:
+    def _stop(self, handle: _ServiceHandle, limit: float,
+              check_socket_files: bool = True) -> list[str]:
         started = time.monotonic()
         handle.stop()
         budget = handle.options["grace"] + handle.options.get("kill_timeout", KILL_TIMEOUT)
@@ -388,7 +390,7 @@ class Flavour:
                             f"{handle.expected_outcome}")
         if handle.leftovers:
             problems.append(f"left behind: {handle.leftovers}")
-        for spec in handle.listeners:
+        for spec in handle.listeners if check_socket_files else ():
             if isinstance(spec, UnixListener) and os.path.lexists(spec.path):
                 problems.append(f"socket file {spec.path} not removed")
         return problems

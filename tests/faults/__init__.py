@@ -1,0 +1,1 @@
+"""Fault tests: each fault reaches its documented outcome in bounded time, per flavour."""
