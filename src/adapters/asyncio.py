@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import inspect
 import logging
 import os
@@ -999,7 +1000,13 @@ class _Service:
         fd = conn.fileno()
         conn.setblocking(True)  # the script gets a blocking socket
         try:
-            pid = spawn(request.argv, request.environ, stdin=fd, stdout=fd)
+            if len(self._jobs) > 1:
+                # posix_spawn blocks until the child runs (about half a
+                # millisecond): with other connections waiting, do it in a
+                # thread (it releases the GIL) so the loop keeps serving them.
+                pid = await _spawn_in_thread(request.argv, request.environ, fd)
+            else:
+                pid = spawn(request.argv, request.environ, stdin=fd, stdout=fd)
         except OSError as exc:
             self.config.logger.error("execvp(%r) failed: %s", request.argv[0], exc.strerror)
             returncode: int | None = None
@@ -1036,6 +1043,25 @@ class _Service:
             how += f", client gone: {exc.strerror}"
         await _close_gently(conn, self.config.header_timeout)
         return how
+
+
+async def _spawn_in_thread(argv: tuple[bytes, ...], environ: dict[bytes, bytes], fd: int) -> int:
+    """:func:`spawn` in the default executor; a child started for a cancelled caller is reaped."""
+    loop = asyncio.get_running_loop()
+    started = loop.run_in_executor(
+        None, functools.partial(spawn, argv, environ, stdin=fd, stdout=fd))
+    try:
+        return await asyncio.shield(started)
+    except asyncio.CancelledError:
+        def reap(done: asyncio.Future[int]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                pid = done.result()
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+
+        started.add_done_callback(reap)
+        raise
 
 
 async def _close_gently(conn: socket.socket, timeout: float) -> None:

@@ -13,6 +13,7 @@ import contextlib
 import errno
 import logging
 import os
+import queue
 import select
 import selectors
 import signal
@@ -78,6 +79,8 @@ __all__ = ["Service", "run", "serve"]
 Input = bytes | bytearray | memoryview | BinaryIO | Iterable[bytes] | None
 
 _CHUNK = 256 * 1024
+#: Seconds an idle service worker thread waits for a connection before ending.
+_IDLE_WORKER_EXIT = 60.0
 
 
 class _Timeout(Exception):
@@ -504,7 +507,9 @@ class Service:
         self._paths: list[SocketFile] = []
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
-        self._threads: set[threading.Thread] = set()
+        self._threads: set[threading.Thread] = set()  # the workers
+        self._work: queue.SimpleQueue[tuple[socket.socket, str] | None] = queue.SimpleQueue()
+        self._idle = 0  # workers waiting for a connection
         self._pids: set[int] = set()
         self._lock = threading.Lock()
         self._slots = threading.BoundedSemaphore(config.max_connections)
@@ -583,10 +588,39 @@ class Service:
             os.close(self._wake_w)
 
     def _start_handler(self, conn: socket.socket, peer: str) -> None:
-        thread = threading.Thread(target=self._handle, args=(conn, peer), daemon=True)
+        # Hand the connection to an idle worker; start one only when none is
+        # idle.  Starting a thread per connection cost about a third of the
+        # accept loop's time.  Slots bound the workers to max_connections.
         with self._lock:
-            self._threads.add(thread)
-        thread.start()
+            start = self._idle == 0
+            if not start:
+                self._idle -= 1
+            self._work.put((conn, peer))
+            if start:
+                thread = threading.Thread(target=self._worker, daemon=True)
+                self._threads.add(thread)
+        if start:
+            thread.start()
+
+    def _worker(self) -> None:
+        try:
+            while True:
+                try:
+                    item = self._work.get(timeout=_IDLE_WORKER_EXIT)
+                except queue.Empty:
+                    with self._lock:
+                        if self._idle > 0:  # else a connection is on its way to us
+                            self._idle -= 1
+                            return
+                    continue
+                if item is None:
+                    return
+                self._handle(*item)
+                with self._lock:
+                    self._idle += 1
+        finally:
+            with self._lock:
+                self._threads.discard(threading.current_thread())
 
     def _close_listeners(self) -> None:
         for sock in self._sockets:
@@ -597,6 +631,9 @@ class Service:
         self._paths.clear()
 
     def _wind_down(self) -> None:
+        with self._lock:
+            for _ in self._threads:
+                self._work.put(None)  # each worker ends after its connection
         deadline = time.monotonic() + self.config.grace
         for thread in list(self._threads):
             thread.join(max(deadline - time.monotonic(), 0))
@@ -638,8 +675,6 @@ class Service:
             logger.exception("%s: unexpected error", peer_text)
         finally:
             conn.close()
-            with self._lock:
-                self._threads.discard(threading.current_thread())
             self._slots.release()
 
     def _read_header(self, conn: socket.socket) -> tuple[ServiceConnection, ScriptRequest]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import inspect
 import logging
 import math
@@ -884,7 +885,16 @@ class _Service:
         fd = conn.fileno()
         os.set_blocking(fd, True)  # the script gets a blocking socket
         try:
-            pid = spawn(request.argv, request.environ, stdin=fd, stdout=fd)
+            if len(self._pids) > 0:
+                # posix_spawn blocks until the child runs (about half a
+                # millisecond): with other scripts running, do it in a thread
+                # (it releases the GIL) so the loop keeps serving.  The call is
+                # not abandoned on cancellation: the pid always comes back and
+                # the handler below kills and reaps it.
+                pid = await trio.to_thread.run_sync(functools.partial(
+                    spawn, request.argv, request.environ, stdin=fd, stdout=fd))
+            else:
+                pid = spawn(request.argv, request.environ, stdin=fd, stdout=fd)
         except OSError as exc:
             self.config.logger.error("execvp(%r) failed: %s", request.argv[0], exc.strerror)
             returncode: int | None = None
