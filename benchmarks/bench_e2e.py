@@ -1,0 +1,833 @@
+"""End-to-end benchmark: execproto's service and clients against Dovecot's own.
+
+Run from the repository root, as root (a private Dovecot master needs it)::
+
+    python benchmarks/bench_e2e.py            # 6 rounds, about 8 minutes
+    python benchmarks/bench_e2e.py --quick    # 2 short rounds, about 1 minute
+
+In one process tree, on unix sockets in a temporary directory and on
+127.0.0.1, it starts
+
+* Dovecot 2.3.19's ``script`` service under a private master
+  (``tests/interop/dovecot.py``), tuned for 64 concurrent clients
+  (:func:`dovecot_tuning`);
+* ``execproto serve --adapter X`` for every flavour that imports, as a
+  subprocess of the CLI, logging at WARNING;
+* a *ceiling*: the least a Python service can do (:func:`ceiling_main`, one
+  epoll loop: peek the header, ``posix_spawn`` the script on the socket,
+  wait on a pidfd, send the result code);
+* a load generator in its own process (``benchmarks/_load.py``).
+
+Each service serves two scripts: ``#!/bin/sh`` + ``exit 0`` (no payload),
+and ``/bin/cat`` itself (1 KiB echoed; bulk streams over unix and tcp).  Over
+tcp the client dot-encodes its payload, which therefore ends with the
+``.\\r\\n`` end line, and ``cat`` echoes it verbatim: the reply is a valid
+dot stream, so ``cat`` is the "cat-like script" for tcp too.
+
+Every round measures every cell once, services in a rotating order, and the
+tables show the median over the rounds.  A request cell is a closed loop of
+C clients; its window opens after a warm-up that includes 2 x
+``process_min_avail`` + C replies, so that Dovecot's pre-started processes
+are used up and every service is measured in its steady state.  A cell's
+server CPU time is the change of utime+stime+cutime+cstime summed over the
+service's process tree (/proc), from before the load to after the tree is
+quiet again, so Dovecot's re-forking of its pre-started processes counts.
+Every service runs in its own session, as the Dovecot master does: with
+scheduler autogroups each session competes for the CPUs as one group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import importlib
+import json
+import os
+import platform
+import random
+import re
+import select
+import selectors
+import shutil
+import signal
+import socket
+import stat
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks._load import MiB, b64  # noqa: E402
+from tests.interop.dovecot import (  # noqa: E402
+    PrivateDovecot,
+    ScriptService,
+    _free_port,
+    _listening,
+    dovecot_binary,
+    script_binary,
+)
+
+FLAVOURS = ("blocking", "asyncio", "trio")
+
+#: Per-service settings of Dovecot's script services.  A script process
+#: serves one connection and exits (``service_count = 1``; the binary sets it
+#: itself too), so each concurrent client needs its own process:
+#: ``process_limit`` leaves room for 64 busy plus 64 pre-started ones plus
+#: those still exiting, and ``process_min_avail`` keeps a whole burst's worth
+#: of processes forked ahead of the connections.  Of 0, 16 and 64, 0 gave
+#: Dovecot clearly lower rates and 16 and 64 were alike.
+DOVECOT_MIN_AVAIL = 64
+DOVECOT_PROCESS_LIMIT = 256
+
+
+def dovecot_tuning(min_avail: int) -> tuple[str, ...]:
+    """The ``service { }`` settings used for Dovecot's script services."""
+    return (
+        "service_count = 1",
+        "client_limit = 1",
+        f"process_limit = {DOVECOT_PROCESS_LIMIT}",
+        f"process_min_avail = {min_avail}",
+    )
+
+
+#: ``execproto serve --max-connections``: the same head room as process_limit.
+EXECPROTO_MAX_CONNECTIONS = DOVECOT_PROCESS_LIMIT
+
+HEADER = b"VERSION\tscript\t4\t0\n-\n\n"
+ECHO_PAYLOAD = random.Random(1).randbytes(1024)
+CONCURRENCY = (1, 16, 64)
+
+GOAL_EVERY = 2.0
+GOAL_FASTEST = 2.5
+GOAL_STREAM = 0.95
+GOAL_FORK = 1.3
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# --- the ceiling service -----------------------------------------------------------
+
+_UNESCAPE = {b"1": b"\x01", b"t": b"\t", b"r": b"\r", b"n": b"\n", b"0": b"\0"}
+
+
+def ceiling_main(unix_path: str, tcp_port: int | None, script: str) -> None:
+    """The least work a Python ``script`` service can do; runs until killed.
+
+    One epoll loop, no threads: accept, peek the header (it comes in one
+    segment from these clients; an incomplete one is simply peeked again),
+    consume exactly the header, ``posix_spawn`` the script with the socket
+    as fds 0 and 1 and an empty environment, wait on a pidfd, send
+    ``+\\n``/``-\\n`` and close.  No limits, no logging, no deadlines.
+    """
+    listeners = []
+    unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    unix.bind(unix_path)
+    os.chmod(unix_path, 0o666)
+    listeners.append(unix)
+    if tcp_port is not None:
+        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        tcp.bind(("127.0.0.1", tcp_port))
+        listeners.append(tcp)
+    sel = selectors.EpollSelector()
+    for sock in listeners:
+        sock.listen(1024)
+        sock.setblocking(False)
+        sel.register(sock, selectors.EVENT_READ, None)
+    path = os.fsencode(script)
+    while True:
+        for key, _ in sel.select():
+            data = key.data
+            if data is None:
+                listener = key.fileobj
+                assert isinstance(listener, socket.socket)
+                try:
+                    conn, _ = listener.accept()
+                except BlockingIOError:
+                    continue
+                conn.setblocking(False)
+                sel.register(conn, selectors.EVENT_READ, (conn,))
+            elif len(data) == 1:
+                conn = data[0]
+                try:
+                    head = conn.recv(65536, socket.MSG_PEEK)
+                except BlockingIOError:
+                    continue
+                end = head.find(b"\n\n")
+                if end < 0 and head and len(head) < 65536:
+                    continue  # incomplete: peek again when more arrives
+                sel.unregister(conn)
+                lines = head[:end].split(b"\n")
+                if end < 0 or not lines[0].startswith(b"VERSION\tscript\t4\t"):
+                    conn.close()
+                    continue
+                conn.recv(end + 2)
+                i = 1
+                if i < len(lines) and lines[i].startswith(b"alarm="):
+                    i += 1
+                while i < len(lines) and lines[i].startswith(b"env_"):
+                    i += 1
+                args = [re.sub(rb"\x01(.)", lambda m: _UNESCAPE.get(m[1], m[1]), a)
+                        for a in lines[i + 1 :]]
+                conn.setblocking(True)
+                fd = conn.fileno()
+                pid = os.posix_spawn(path, [path, *args], {}, file_actions=[
+                    (os.POSIX_SPAWN_DUP2, fd, 0), (os.POSIX_SPAWN_DUP2, fd, 1)])
+                pidfd = os.pidfd_open(pid)
+                sel.register(pidfd, selectors.EVENT_READ, (conn, pid))
+            else:
+                conn, pid = data
+                sel.unregister(key.fd)
+                os.close(key.fd)
+                _, status = os.waitpid(pid, 0)
+                with contextlib.suppress(OSError):
+                    conn.send(b"+\n" if status == 0 else b"-\n")
+                conn.close()
+
+
+# --- process trees ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TreeCpu:
+    """CPU seconds used by process trees (live members plus reaped ones)."""
+
+    cpu: float
+    processes: int
+
+
+def tree_cpu(roots: Sequence[int]) -> TreeCpu:
+    """Sum utime+stime+cutime+cstime over *roots* and all their descendants.
+
+    A reaped process's time is in its parent's cutime/cstime, a live one's
+    in its own utime/stime, so every CPU second of the tree counts once.
+    """
+    children: dict[int, list[int]] = {}
+    ticks: dict[int, int] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                fields = f.read().rpartition(b")")[2].split()
+        except OSError:
+            continue  # gone
+        pid = int(entry.name)
+        children.setdefault(int(fields[1]), []).append(pid)
+        ticks[pid] = int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
+    total = count = 0
+    todo = [pid for pid in roots if pid in ticks]
+    while todo:
+        pid = todo.pop()
+        total += ticks.get(pid, 0)
+        count += 1
+        todo.extend(children.get(pid, ()))
+    return TreeCpu(total / CLK_TCK, count)
+
+
+def settle(roots: Sequence[int], limit: float = 5.0) -> TreeCpu:
+    """Wait until the trees use no CPU and keep their size; return the final reading."""
+    deadline = time.monotonic() + limit
+    previous = tree_cpu(roots)
+    quiet = 0
+    while quiet < 2 and time.monotonic() < deadline:
+        time.sleep(0.025)
+        current = tree_cpu(roots)
+        still = (current.processes == previous.processes
+                 and current.cpu - previous.cpu < 0.5 / CLK_TCK)
+        quiet = quiet + 1 if still else 0
+        previous = current
+    return previous
+
+
+# --- services -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TunedService(ScriptService):
+    """A :class:`ScriptService` with extra settings in its ``service { }`` block."""
+
+    settings: tuple[str, ...] = ()
+
+    def config(self, script_binary: Path, port: int | None) -> str:
+        """The harness's block with :attr:`settings` added before the closing brace."""
+        head, _, _ = super().config(script_binary, port).rpartition("}")
+        return head + "".join(f"  {line}\n" for line in self.settings) + "}\n"
+
+
+@dataclass
+class Server:
+    """One service under test: where its two scripts listen, which trees it owns."""
+
+    key: str
+    label: str
+    noop: str
+    cat: str
+    cat_tcp: tuple[str, int]
+    roots: list[int] = field(default_factory=list)
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    logs: list[Path] = field(default_factory=list)
+
+    def target(self, name: str) -> list[Any]:
+        """The load generator's address of script *name*."""
+        if name == "noop":
+            return ["unix", self.noop]
+        if name == "cat":
+            return ["unix", self.cat]
+        return ["tcp", *self.cat_tcp]
+
+
+def _wait_listening(paths: Sequence[str], ports: Sequence[int],
+                    processes: Sequence[subprocess.Popen[bytes]], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        # execproto binds under a private name and renames the listening
+        # socket into place, so /proc/net/unix shows the private name: a
+        # socket file at the path means it is listening.
+        listening_paths, listening_ports = _listening()
+        if (all(p in listening_paths or _is_socket(p) for p in paths)
+                and all(p in listening_ports for p in ports)):
+            return
+        for process in processes:
+            if process.poll() is not None:
+                raise RuntimeError(f"{process.args!r} exited with {process.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"not listening within {timeout} s: {paths} {ports}")
+        time.sleep(0.05)
+
+
+def _is_socket(path: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _spawn_python(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        # Own session, like the Dovecot master: with scheduler autogroups
+        # each session is one group, so every service tree gets the same
+        # share of the CPUs as Dovecot's does.
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                cwd=REPO, start_new_session=True)
+
+
+def start_execproto(flavour: str, tmp: Path, noop_script: Path) -> Server:
+    """``execproto serve --adapter FLAVOUR``: one process per script."""
+    port = _free_port()
+    server = Server(flavour, f"execproto {flavour}", str(tmp / f"{flavour}-noop.sock"),
+                    str(tmp / f"{flavour}-cat.sock"), ("127.0.0.1", port))
+    common = [sys.executable, "-m", "execproto", "serve", "--adapter", flavour,
+              "--log-level", "WARNING", "--max-connections", str(EXECPROTO_MAX_CONNECTIONS),
+              "--mode", "0666"]
+    for argv, name in (
+        ([*common, "--unix", server.noop, str(noop_script)], "noop"),
+        ([*common, "--unix", server.cat, "--tcp", f"127.0.0.1:{port}", "/bin/cat"], "cat"),
+    ):
+        log = tmp / f"{flavour}-{name}.log"
+        server.logs.append(log)
+        server.processes.append(_spawn_python(argv, log))
+    server.roots = [p.pid for p in server.processes]
+    try:
+        _wait_listening([server.noop, server.cat], [port], server.processes)
+    except RuntimeError:
+        stop_processes(server.processes)
+        raise
+    return server
+
+
+def start_ceiling(tmp: Path, noop_script: Path) -> Server:
+    """Two ceiling processes (:func:`ceiling_main`), one per script."""
+    port = _free_port()
+    server = Server("ceiling", "ceiling (minimal Python)", str(tmp / "ceiling-noop.sock"),
+                    str(tmp / "ceiling-cat.sock"), ("127.0.0.1", port))
+    me = [sys.executable, str(Path(__file__).resolve()), "--ceiling"]
+    for argv, name in (
+        ([*me, server.noop, str(noop_script)], "noop"),
+        ([*me, server.cat, "/bin/cat", "--tcp-port", str(port)], "cat"),
+    ):
+        log = tmp / f"ceiling-{name}.log"
+        server.logs.append(log)
+        server.processes.append(_spawn_python(argv, log))
+    server.roots = [p.pid for p in server.processes]
+    try:
+        _wait_listening([server.noop, server.cat], [port], server.processes)
+    except RuntimeError:
+        stop_processes(server.processes)
+        raise
+    return server
+
+
+def start_dovecot(tmp: Path, noop_script: Path, min_avail: int) -> tuple[PrivateDovecot, Server]:
+    """A private Dovecot master with two tuned script services."""
+    tuning = dovecot_tuning(min_avail)
+    dovecot = PrivateDovecot(
+        [TunedService("noop", noop_script, settings=tuning),
+         TunedService("cat", Path("/bin/cat"), inet_listener=True, settings=tuning)],
+        directory=tmp / "dovecot",
+    )
+    dovecot.start()
+    master = int((dovecot.base_dir / "master.pid").read_text().split()[0])
+    server = Server("dovecot", "Dovecot 2.3.19 script", str(dovecot.socket_path("noop")),
+                    str(dovecot.socket_path("cat")), ("127.0.0.1", dovecot.port("cat")),
+                    roots=[master], logs=[dovecot.log_path])
+    return dovecot, server
+
+
+def stop_processes(processes: Sequence[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM, bounded wait, SIGKILL; always reaped."""
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=20)
+
+
+# --- the load generator process -----------------------------------------------------------
+
+
+class LoadGenerator:
+    """``benchmarks/_load.py`` as a child process, driven by JSON lines."""
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, str(HERE / "_load.py")], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, cwd=REPO)
+
+    def call(self, job: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """Run one job; raise if it fails or takes longer than *timeout*."""
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(json.dumps(job).encode() + b"\n")
+        self.process.stdin.flush()
+        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
+        if not ready:
+            raise BenchError(f"load generator: no answer within {timeout:.0f} s to {job['job']}")
+        line = self.process.stdout.readline()
+        if not line:
+            raise BenchError("load generator exited")
+        result: dict[str, Any] = json.loads(line)
+        if not result.pop("ok"):
+            raise BenchError(f"{job['job']} job failed: {result['error']}")
+        return result
+
+    def close(self) -> None:
+        """Let it finish (stdin EOF), or kill it."""
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+
+class BenchError(Exception):
+    """A wrong reply, a failed service or a hung job: the benchmark fails."""
+
+
+# --- the plan ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes and durations of one run."""
+
+    rounds: int
+    warmup: float
+    duration: float
+    drain: int  # replies before a request cell's window opens (plus C)
+    stream_unix: int
+    stream_tcp: int
+    micro: float
+    sections: frozenset[str]
+
+
+FULL = Plan(rounds=6, warmup=0.2, duration=1.0, drain=2 * DOVECOT_MIN_AVAIL,
+            stream_unix=256 * MiB, stream_tcp=64 * MiB, micro=0.6,
+            sections=frozenset({"requests", "stream", "fork", "client"}))
+QUICK = Plan(rounds=2, warmup=0.05, duration=0.25, drain=2 * DOVECOT_MIN_AVAIL,
+             stream_unix=32 * MiB, stream_tcp=8 * MiB, micro=0.2, sections=FULL.sections)
+
+WORKLOADS = (
+    ("noop", "`exit 0`, no payload"),
+    ("cat", "1 KiB echoed by `cat`"),
+)
+
+
+def request_job(script: str, server: Server, concurrency: int, plan: Plan) -> dict[str, Any]:
+    """The load generator job of one request cell."""
+    if script == "noop":
+        request, expect = HEADER, b"+\n"
+    else:
+        request, expect = HEADER + ECHO_PAYLOAD, ECHO_PAYLOAD + b"+\n"
+    return {"job": "requests", "target": server.target(script), "request": b64(request),
+            "expect": b64(expect), "concurrency": concurrency, "warmup": plan.warmup,
+            "warmup_requests": plan.drain + concurrency, "duration": plan.duration}
+
+
+def warm_up(load: LoadGenerator, server: Server) -> None:
+    """One request per listener, checked, before anything is measured."""
+    for script in ("noop", "cat"):
+        job = request_job(script, server, 1, FULL)
+        job.update(count=1)
+        load.call(job, 30)
+    load.call({"job": "requests", "target": server.target("tcp"), "count": 1,
+               "request": b64(HEADER + b"hello\r\n.\r\n"),
+               "expect": b64(b"hello\r\n.\r\n+\n")}, 30)
+
+
+Results = dict[tuple[str, ...], list[dict[str, Any]]]
+
+
+def rotate(items: Sequence[Any], r: int) -> list[Any]:
+    """*items* starting at index r (mod len): who goes first changes every round."""
+    r %= len(items)
+    return [*items[r:], *items[:r]]
+
+
+def server_cell(load: LoadGenerator, server: Server, job: dict[str, Any],
+                timeout: float) -> dict[str, Any]:
+    """Run one job against *server* and add its tree's CPU time to the result."""
+    before = tree_cpu(server.roots)
+    result = load.call(job, timeout)
+    after = settle(server.roots)
+    result["server_cpu"] = after.cpu - before.cpu
+    return result
+
+
+def run_rounds(load: LoadGenerator, servers: Sequence[Server], clients: Sequence[str],
+               plan: Plan, ceiling: Server, progress: bool) -> Results:
+    """Every cell once per round; services and variants in a rotating order."""
+    results: Results = {}
+    cell_timeout = plan.warmup + plan.duration + 120
+    for r in range(plan.rounds):
+        started = time.monotonic()
+        order = rotate(servers, r)
+        if "requests" in plan.sections:
+            for script, _ in WORKLOADS:
+                for concurrency in CONCURRENCY:
+                    for server in order:
+                        job = request_job(script, server, concurrency, plan)
+                        result = server_cell(load, server, job, cell_timeout)
+                        result["cpu_per_req"] = result["server_cpu"] / result["completed"]
+                        result["client_util"] = result["client_cpu"] / result["wall"]
+                        results.setdefault(("requests", script, str(concurrency), server.key),
+                                           []).append(result)
+        if "stream" in plan.sections:
+            for kind, total in (("unix", plan.stream_unix), ("tcp", plan.stream_tcp)):
+                for server in order:
+                    job = {"job": "stream", "header": b64(HEADER), "total": total,
+                           "dot": kind == "tcp",
+                           "target": server.target("cat" if kind == "unix" else "tcp")}
+                    result = server_cell(load, server, job, 300)
+                    results.setdefault(("stream", kind, server.key), []).append(result)
+        if "fork" in plan.sections:
+            for variant in rotate(["bare", *clients], r):
+                job = {"job": "fork", "variant": variant, "warmup": plan.micro / 4,
+                       "duration": plan.micro}
+                results.setdefault(("fork", variant), []).append(load.call(job, 120))
+        if "client" in plan.sections:
+            for script, payload in (("noop", b""), ("cat", ECHO_PAYLOAD)):
+                for variant in rotate(["raw", *clients], r):
+                    job = {"job": "client", "variant": variant,
+                           "target": ceiling.target(script), "payload": b64(payload),
+                           "request": b64(HEADER + payload), "expect": b64(payload),
+                           "warmup": plan.micro / 4, "duration": plan.micro}
+                    results.setdefault(("client", script, variant), []).append(
+                        load.call(job, 120))
+        if progress:
+            print(f"  round {r + 1}/{plan.rounds} done in {time.monotonic() - started:.0f} s",
+                  file=sys.stderr, flush=True)
+    return results
+
+
+# --- report ----------------------------------------------------------------------------------
+
+
+def med(results: Results, key: tuple[str, ...], metric: str) -> float:
+    """The median of *metric* over the rounds of cell *key*."""
+    return float(statistics.median(r[metric] for r in results[key]))
+
+
+def _goal(ok: bool, text: str) -> str:
+    return f"{text} pass" if ok else f"{text} **MISS**"
+
+
+def report(results: Results, servers: Sequence[Server], clients: Sequence[str],
+           plan: Plan) -> tuple[str, list[str]]:
+    """The markdown tables and the list of missed goals."""
+    out: list[str] = []
+    missed: list[str] = []
+    flavours = [s for s in servers if s.key in FLAVOURS]
+    if "requests" in plan.sections:
+        out += ["### Requests (closed loop, C requests in flight)", "",
+                "| workload | C | service | req/s | × Dovecot | × ceiling | p50 ms | p99 ms "
+                "| server CPU ms/req | goal |",
+                "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+        for script, title in WORKLOADS:
+            for c in CONCURRENCY:
+                base = med(results, ("requests", script, str(c), "dovecot"), "rate")
+                rates = {s.key: med(results, ("requests", script, str(c), s.key), "rate")
+                         for s in servers}
+                fastest = max((s.key for s in flavours), key=rates.__getitem__, default=None)
+                for s in servers:
+                    key = ("requests", script, str(c), s.key)
+                    ratio = rates[s.key] / base
+                    goal = ""
+                    if s.key in FLAVOURS:
+                        goal = _goal(ratio >= GOAL_EVERY, f"≥ {GOAL_EVERY}×")
+                        if ratio < GOAL_EVERY:
+                            missed.append(f"{s.label}, {title}, C={c}: {ratio:.2f}× "
+                                          f"(goal {GOAL_EVERY}×)")
+                        if s.key == fastest:
+                            goal += "; " + _goal(ratio >= GOAL_FASTEST,
+                                                 f"fastest ≥ {GOAL_FASTEST}×")
+                            if ratio < GOAL_FASTEST:
+                                missed.append(f"fastest flavour ({s.label}), {title}, C={c}: "
+                                              f"{ratio:.2f}× (goal {GOAL_FASTEST}×)")
+                    out.append(
+                        f"| {title} | {c} | {s.label} | {rates[s.key]:,.0f} | {ratio:.2f} "
+                        f"| {rates[s.key] / rates['ceiling']:.2f} "
+                        f"| {med(results, key, 'p50') * 1e3:.2f} "
+                        f"| {med(results, key, 'p99') * 1e3:.2f} "
+                        f"| {med(results, key, 'cpu_per_req') * 1e3:.2f} | {goal} |")
+        util = max(r["client_util"] for k, v in results.items() if k[0] == "requests" for r in v)
+        out += ["", f"The load generator used at most {util:.0%} of one core in any cell.", ""]
+    if "stream" in plan.sections:
+        out += ["### Streaming through `cat` (one request)", "",
+                "| transport | service | MB/s | × Dovecot | server CPU s | goal |",
+                "| --- | --- | ---: | ---: | ---: | --- |"]
+        for kind, total in (("unix", plan.stream_unix), ("tcp", plan.stream_tcp)):
+            base = med(results, ("stream", kind, "dovecot"), "mbps")
+            for s in servers:
+                skey = ("stream", kind, s.key)
+                rate = med(results, skey, "mbps")
+                goal = ""
+                if s.key in FLAVOURS:
+                    goal = _goal(rate / base >= GOAL_STREAM, f"≥ {GOAL_STREAM:.0%}")
+                    if rate / base < GOAL_STREAM:
+                        missed.append(f"{s.label}, streaming over {kind}: {rate / base:.0%} "
+                                      f"of Dovecot (goal {GOAL_STREAM:.0%})")
+                out.append(f"| {kind}, {total // MiB} MiB | {s.label} | {rate:,.0f} "
+                           f"| {rate / base:.2f} | {med(results, skey, 'server_cpu'):.2f} "
+                           f"| {goal} |")
+        out.append("")
+    if "fork" in plan.sections:
+        out += ["### Fork driver: `run(\"exec:/bin/true\")` per call", "",
+                "| variant | µs/call | × bare spawn | p99 µs | client CPU µs/call | goal |",
+                "| --- | ---: | ---: | ---: | ---: | --- |"]
+        base = med(results, ("fork", "bare"), "per_call")
+        for variant in ["bare", *clients]:
+            fkey = ("fork", variant)
+            per_call = med(results, fkey, "per_call")
+            label = ("bare `os.posix_spawn` + `os.waitpid`" if variant == "bare"
+                     else f"execproto {variant}")
+            goal = ""
+            if variant != "bare":
+                goal = _goal(per_call / base <= GOAL_FORK, f"≤ {GOAL_FORK}×")
+                if per_call / base > GOAL_FORK:
+                    missed.append(f"fork driver, {variant}: {per_call / base:.2f}× a bare spawn "
+                                  f"(goal {GOAL_FORK}×)")
+            out.append(f"| {label} | {per_call * 1e6:,.0f} | {per_call / base:.2f} "
+                       f"| {med(results, fkey, 'p99') * 1e6:,.0f} "
+                       f"| {med(results, fkey, 'cpu_per_call') * 1e6:,.0f} | {goal} |")
+        out.append("")
+    if "client" in plan.sections:
+        out += ["### Client overhead: sequential requests to the ceiling service", "",
+                "| workload | client | µs/call | × raw | client CPU µs/call "
+                "| client CPU over raw µs |",
+                "| --- | --- | ---: | ---: | ---: | ---: |"]
+        for script, title in WORKLOADS:
+            base = med(results, ("client", script, "raw"), "per_call")
+            base_cpu = med(results, ("client", script, "raw"), "cpu_per_call")
+            for variant in ["raw", *clients]:
+                ckey = ("client", script, variant)
+                per_call = med(results, ckey, "per_call")
+                cpu = med(results, ckey, "cpu_per_call")
+                label = "raw socket" if variant == "raw" else f"execproto {variant} `run()`"
+                out.append(f"| {title} | {label} | {per_call * 1e6:,.0f} "
+                           f"| {per_call / base:.2f} | {cpu * 1e6:,.0f} "
+                           f"| {(cpu - base_cpu) * 1e6:+,.0f} |")
+        out.append("")
+    return "\n".join(out), missed
+
+
+def machine_text(plan: Plan, quick: bool, min_avail: int, loads: Sequence[float]) -> str:
+    """Date, machine and settings of this run, for the report."""
+    model = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    version = subprocess.run([dovecot_binary() or "dovecot", "--version"], capture_output=True,
+                             text=True, check=False).stdout.strip()
+    package = Path(importlib.import_module("execproto").__file__ or "?").parent.parent
+    return (
+        f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}; execproto from {package}; "
+        f"{model}, {os.cpu_count()} "
+        f"cores; Linux {platform.release()}; {platform.python_implementation()} "
+        f"{platform.python_version()}; Dovecot {version}; load average "
+        f"{' → '.join(f'{x:.1f}' for x in loads)} (start → end); {plan.rounds} rounds"
+        f"{' (--quick)' if quick else ''}, medians; Dovecot services: "
+        f"{', '.join(dovecot_tuning(min_avail))}; execproto serve "
+        f"--max-connections {EXECPROTO_MAX_CONNECTIONS} --log-level WARNING"
+    )
+
+
+def log_problems(server: Server) -> list[str]:
+    """Warning/error lines the services wrote during the run."""
+    lines: list[str] = []
+    for log in server.logs:
+        with contextlib.suppress(OSError):
+            for line in log.read_text(errors="replace").splitlines():
+                if re.search(r"warning|error|fatal|traceback", line, re.IGNORECASE):
+                    lines.append(f"{server.label}: {line}")
+    return lines
+
+
+# --- main --------------------------------------------------------------------------------------
+
+
+def available_flavours(wanted: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """Flavours that import and have ``run`` and ``serve``; why the others do not."""
+    ok: list[str] = []
+    missing: dict[str, str] = {}
+    for name in wanted:
+        try:
+            module = importlib.import_module(f"execproto.adapters.{name}")
+        except Exception as exc:
+            missing[name] = f"{type(exc).__name__}: {exc}"
+            continue
+        absent = [n for n in ("run", "serve") if not hasattr(module, n)]
+        if absent:
+            missing[name] = f"no {', '.join(absent)}"
+        else:
+            ok.append(name)
+    return ok, missing
+
+
+@contextlib.contextmanager
+def services(tmp: Path, flavours: Sequence[str], min_avail: int,
+             missing: dict[str, str]) -> Iterator[tuple[list[Server], Server]]:
+    """Start Dovecot, every flavour's service and the ceiling; stop them all on exit."""
+    noop = tmp / "noop.sh"
+    noop.write_text("#!/bin/sh\nexit 0\n")
+    noop.chmod(0o755)
+    started: list[Server] = []
+    dovecot: PrivateDovecot | None = None
+    try:
+        dovecot, server = start_dovecot(tmp, noop, min_avail)
+        started.append(server)
+        for flavour in flavours:
+            try:
+                started.append(start_execproto(flavour, tmp, noop))
+            except RuntimeError as exc:
+                logs = " / ".join(p.read_text(errors="replace")[-400:]
+                                  for p in tmp.glob(f"{flavour}-*.log"))
+                missing[flavour] = f"serve did not start: {exc}: {logs}"
+        ceiling = start_ceiling(tmp, noop)
+        started.append(ceiling)
+        yield started, ceiling
+    finally:
+        for server in started:
+            stop_processes(server.processes)
+        if dovecot is not None:
+            dovecot.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the options, run the rounds, print the report."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap.add_argument("--quick", action="store_true", help="2 short rounds (about 1 minute)")
+    ap.add_argument("--rounds", type=int, help="number of rounds (default 6, --quick 2)")
+    ap.add_argument("--flavours", default=",".join(FLAVOURS),
+                    help="comma-separated adapters to include if they import (default: all)")
+    ap.add_argument("--sections", default=",".join(sorted(FULL.sections)),
+                    help="comma-separated subset of requests,stream,fork,client")
+    ap.add_argument("--dovecot-min-avail", type=int, default=DOVECOT_MIN_AVAIL,
+                    help=f"process_min_avail of Dovecot's services (default {DOVECOT_MIN_AVAIL})")
+    ap.add_argument("--json", metavar="FILE", help="also write every round's raw results here")
+    ap.add_argument("--ceiling", nargs=2, metavar=("SOCKET", "SCRIPT"), help=argparse.SUPPRESS)
+    ap.add_argument("--tcp-port", type=int, help=argparse.SUPPRESS)
+    ns = ap.parse_args(argv)
+    if ns.ceiling:
+        ceiling_main(ns.ceiling[0], ns.tcp_port, ns.ceiling[1])
+        return 0
+    plan = QUICK if ns.quick else FULL
+    plan = dataclasses.replace(plan, rounds=ns.rounds or plan.rounds,
+                               drain=2 * ns.dovecot_min_avail,
+                               sections=frozenset(ns.sections.split(",")))
+    if os.geteuid() != 0 or dovecot_binary() is None or script_binary() is None:
+        print("bench_e2e: needs root and Debian's dovecot-core (dovecot, script)",
+              file=sys.stderr)
+        return 2
+    package = Path(importlib.import_module("execproto").__file__ or "?").resolve()
+    if REPO not in package.parents:
+        print(f"bench_e2e: warning: execproto is imported from {package.parent}, "
+              f"not from this checkout ({REPO})", file=sys.stderr)
+    wanted = [f for f in ns.flavours.split(",") if f]
+    clients, missing = available_flavours(wanted)
+    print(f"bench_e2e: flavours {', '.join(clients) or 'none'}"
+          + "".join(f"; {k} missing ({v})" for k, v in missing.items()), file=sys.stderr)
+    loads = [os.getloadavg()[0]]
+    tmp = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
+    load = LoadGenerator()
+    try:
+        with services(tmp, clients, ns.dovecot_min_avail, missing) as (servers, ceiling):
+            clients = [c for c in clients if c not in missing]
+            for server in servers:
+                warm_up(load, server)
+                settle(server.roots)
+            print(f"bench_e2e: {len(servers)} services up, {plan.rounds} rounds",
+                  file=sys.stderr, flush=True)
+            results = run_rounds(load, servers, clients, plan, ceiling, progress=True)
+            if ns.json:
+                Path(ns.json).parent.mkdir(parents=True, exist_ok=True)
+                Path(ns.json).write_text(json.dumps(
+                    {"|".join(k): v for k, v in results.items()}, indent=1))
+            problems = [line for s in servers for line in log_problems(s)]
+            loads.append(os.getloadavg()[0])
+            text, missed = report(results, servers, clients, plan)
+    except BenchError as exc:
+        print(f"bench_e2e: FAILED: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        load.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(machine_text(plan, ns.quick, ns.dovecot_min_avail, loads))
+    print()
+    if missing:
+        print("Flavours not measured: " + "; ".join(f"{k}: {v}" for k, v in missing.items()))
+        print()
+    print(text)
+    print("Goals missed:" + (" none" if not missed else ""))
+    for line in missed:
+        print(f"- {line}")
+    if problems:
+        print(f"\nService log lines with warnings/errors ({len(problems)}):")
+        for line in problems[:20]:
+            print(f"    {line}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
