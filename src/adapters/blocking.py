@@ -634,22 +634,17 @@ class Service:
         with self._lock:
             for _ in self._threads:
                 self._work.put(None)  # each worker ends after its connection
-        deadline = time.monotonic() + self.config.grace
-        for thread in list(self._threads):
-            thread.join(max(deadline - time.monotonic(), 0))
-        with self._lock:
-            pids = list(self._pids)
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + self.config.kill_timeout
-        for thread in list(self._threads):
-            thread.join(max(deadline - time.monotonic(), 0))
-        with self._lock:
-            pids = list(self._pids)
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        # Scripts get the grace period, then SIGTERM and kill_timeout, then SIGKILL.
+        for wait, then_send in ((self.config.grace, signal.SIGTERM),
+                                (self.config.kill_timeout, signal.SIGKILL)):
+            deadline = time.monotonic() + wait
+            for thread in list(self._threads):
+                thread.join(max(deadline - time.monotonic(), 0))
+            with self._lock:
+                pids = list(self._pids)
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, then_send)
         for thread in list(self._threads):
             thread.join()
 
