@@ -59,9 +59,13 @@ class ConfigSection:
 
     def walk(self) -> list[ConfigSection]:
         """Return this section and every nested one, depth first, in text order."""
-        found = [self]
-        for child in self.sections:
-            found.extend(child.walk())
+        # Iterative: a hostile text can nest sections thousands deep.
+        found: list[ConfigSection] = []
+        stack = [self]
+        while stack:
+            section = stack.pop()
+            found.append(section)
+            stack.extend(reversed(section.sections))
         return found
 
 
