@@ -459,6 +459,10 @@ class SocketFile:
                 os.unlink(self.path)
         except FileNotFoundError:
             pass
+        except OSError as exc:
+            # E.g. after --user, in a directory only root may write to: the
+            # stop must go on (scripts still need winding down).
+            log.warning("cannot remove socket file %s: %s", self.path, exc.strerror)
 
 
 def bind_listener(spec: Listener, backlog: int = 128) -> tuple[socket.socket, SocketFile | None]:
@@ -475,6 +479,8 @@ def bind_listener(spec: Listener, backlog: int = 128) -> tuple[socket.socket, So
     """
     if isinstance(spec, FdListener):
         sock = socket.socket(fileno=spec.fd)
+        # systemd passes it inheritable: it must not reach the scripts.
+        sock.set_inheritable(False)
         sock.listen(backlog)
         return sock, None
     if isinstance(spec, TcpListener):

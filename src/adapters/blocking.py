@@ -507,6 +507,7 @@ class Service:
         self._paths: list[SocketFile] = []
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
+        self._wake_lock = threading.RLock()
         self._threads: set[threading.Thread] = set()  # the workers
         self._work: queue.SimpleQueue[tuple[socket.socket, str] | None] = queue.SimpleQueue()
         self._idle = 0  # workers waiting for a connection
@@ -525,7 +526,16 @@ class Service:
             drop_privileges(config.user, config.group)
         except BaseException:
             self._close_listeners()
+            self._close_wakeup()
             raise
+        self._serving = False
+
+    def _close_wakeup(self) -> None:
+        with self._wake_lock:
+            for fd in (self._wake_r, self._wake_w):
+                if fd >= 0:
+                    os.close(fd)
+            self._wake_r = self._wake_w = -1
 
     @property
     def addresses(self) -> list[str | tuple[str, int]]:
@@ -537,12 +547,17 @@ class Service:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+        if not self._serving:  # serve_forever() never ran: clean up here
+            self._close_listeners()
+            self._close_wakeup()
 
     def stop(self) -> None:
         """Stop accepting; :meth:`serve_forever` then winds down and returns."""
         self._stop.set()
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"x")
+        # Re-entrant: stop() may run in a signal handler of the serving thread.
+        with self._wake_lock, contextlib.suppress(OSError):
+            if self._wake_w >= 0:
+                os.write(self._wake_w, b"x")
 
     def serve_forever(self) -> None:
         """Accept and handle connections until :meth:`stop`; then clean up.
@@ -550,6 +565,7 @@ class Service:
         Running scripts get ``config.grace`` seconds to finish; then they are
         terminated (SIGTERM, SIGKILL).  Unix socket files created are removed.
         """
+        self._serving = True
         sel = selectors.DefaultSelector()
         try:
             for sock in self._sockets:
@@ -584,8 +600,7 @@ class Service:
             sel.close()
             self._close_listeners()
             self._wind_down()
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            self._close_wakeup()
 
     def _start_handler(self, conn: socket.socket, peer: str) -> None:
         # Hand the connection to an idle worker; start one only when none is

@@ -242,8 +242,22 @@ def _serve_settings(ns: argparse.Namespace) -> dict[str, Any]:
     )
 
 
+def _stop_inheriting() -> None:
+    """Make every descriptor above 2 close-on-exec: only 0, 1, 2 reach scripts.
+
+    A launcher may leave descriptors inheritable (systemd's LISTEN_FDS
+    always are); Python's own never are.
+    """
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2:
+            with contextlib.suppress(OSError):
+                os.set_inheritable(fd, False)
+
+
 def cmd_serve(ns: argparse.Namespace) -> int:
     """Serve until SIGTERM or SIGINT."""
+    _stop_inheriting()
     logging.basicConfig(level=getattr(logging, ns.log_level),
                         format="%(asctime)s %(name)s: %(levelname)s: %(message)s")
     settings = _serve_settings(ns)
