@@ -1,0 +1,1 @@
+"""Fuzz targets for the protocol core; see ``targets.py`` and ``run.py``."""

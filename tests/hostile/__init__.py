@@ -1,0 +1,1 @@
+"""Hostile clients against the service of every adapter flavour."""

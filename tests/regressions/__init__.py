@@ -1,0 +1,1 @@
+"""Inputs that once crashed a fuzz target, replayed on every test run."""
