@@ -478,8 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run", help="run one script",
         description="Run one script. stdin is the payload (unless it is a terminal or "
-                    "--no-input), stdout receives the output. Exit status: 0 success, 1 failure, "
-                    "75 internal failure (connect, timeout, protocol), 64 usage error.")
+                    "--no-input), stdout receives the output. Options go before TARGET: "
+                    "everything after TARGET is passed to the script. Exit status: 0 success, "
+                    "1 failure, 75 internal failure (connect, timeout, protocol), 64 usage error.")
     run.add_argument("target", nargs="?", metavar="TARGET",
                      help="unix:PATH, tcp:HOST:PORT, exec:PATH or fork:PATH "
                           "(with --config: an extra argument)")
@@ -511,7 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser(
         "serve", help="serve a script like Dovecot's script service",
-        description="A stand-alone drop-in for Dovecot's script service. Stops cleanly on "
+        description="A stand-alone drop-in for Dovecot's script service. Options go before "
+                    "SCRIPT: everything after it is passed to the script. Stops cleanly on "
                     "SIGTERM/SIGINT and removes its socket files. Honours systemd socket "
                     "activation (LISTEN_FDS).")
     serve.add_argument("script", nargs="?", metavar="SCRIPT",
