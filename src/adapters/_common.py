@@ -19,7 +19,7 @@ import signal
 import socket
 import stat
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from execproto import (
@@ -63,6 +63,7 @@ __all__ = [
     "env_bytes",
     "exit_result",
     "fork_result",
+    "input_chunks",
     "listener_address",
     "log_bad_header",
     "log_request",
@@ -164,6 +165,33 @@ def env_bytes(env: EnvLike | None) -> dict[bytes, bytes]:
             raise LocalProtocolError(f"invalid environment entry {n!r}")
         out[n] = v
     return out
+
+
+#: Size of the chunks the adapters read and send.
+CHUNK = 256 * 1024
+
+
+def input_chunks(data: object) -> Iterator[bytes]:
+    """A synchronous payload (bytes, a binary file, an iterable of bytes) as non-empty chunks.
+
+    Bytes are sliced without copying the whole; a file is read ``CHUNK``
+    bytes at a time; ``None`` is no payload.
+    """
+    if data is None:
+        return
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        view = memoryview(data)
+        for i in range(0, len(view), CHUNK):
+            yield bytes(view[i : i + CHUNK])
+        return
+    read = getattr(data, "read", None)
+    if read is not None:
+        while chunk := read(CHUNK):
+            yield chunk
+        return
+    for chunk in data:  # type: ignore[attr-defined]
+        if chunk:
+            yield bytes(chunk)
 
 
 def _bytes(value: BytesLike) -> bytes:

@@ -82,6 +82,7 @@ from ._common import (
     drop_privileges,
     env_bytes,
     fork_result,
+    input_chunks,
     listener_address,
     log_bad_header,
     log_request,
@@ -247,22 +248,6 @@ async def _both(
 # --- payload and output -------------------------------------------------------
 
 
-def _sync_chunks(data: Any) -> Iterator[bytes]:
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        view = memoryview(data)
-        for i in range(0, len(view), _CHUNK):
-            yield bytes(view[i : i + _CHUNK])
-        return
-    read = getattr(data, "read", None)
-    if read is not None:
-        while chunk := read(_CHUNK):
-            yield chunk
-        return
-    for chunk in data:
-        if chunk:
-            yield bytes(chunk)
-
-
 class _Payload:
     """The caller's input as non-empty chunks, pulled one at a time."""
 
@@ -279,7 +264,7 @@ class _Payload:
             if isinstance(data, AsyncIterable):
                 self._async = data.__aiter__()
             else:
-                self._sync = _sync_chunks(data)
+                self._sync = input_chunks(data)
         if self._sync is not None:
             return next(self._sync, None)
         assert self._async is not None

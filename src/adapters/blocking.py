@@ -65,6 +65,7 @@ from ._common import (
     drop_privileges,
     env_bytes,
     fork_result,
+    input_chunks,
     listener_address,
     log_bad_header,
     log_request,
@@ -85,24 +86,6 @@ _IDLE_WORKER_EXIT = 60.0
 
 class _Timeout(Exception):
     pass
-
-
-def _input_chunks(data: Input) -> Iterator[bytes]:
-    if data is None:
-        return
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        view = memoryview(data)
-        for i in range(0, len(view), _CHUNK):
-            yield bytes(view[i : i + _CHUNK])
-        return
-    read = getattr(data, "read", None)
-    if read is not None:
-        while chunk := read(_CHUNK):
-            yield chunk
-        return
-    for chunk in data:
-        if chunk:
-            yield bytes(chunk)
 
 
 def _remaining(deadline: float | None) -> float | None:
@@ -221,7 +204,7 @@ def run(
         return RunResult.failure(kind, detail, target=label)
     collected: list[bytes] | None = None if output is not None else []
     try:
-        return _pump_socket(sock, conn, header, _input_chunks(input), timeout, output,
+        return _pump_socket(sock, conn, header, input_chunks(input), timeout, output,
                             collected, label)
     finally:
         sock.close()
@@ -401,7 +384,7 @@ def _run_fork(
         try:
             kind, detail = _pump_pipes(in_w if input is not None else None,
                                        out_r if want_output else None,
-                                       _input_chunks(input), deadline, timeout, output,
+                                       input_chunks(input), deadline, timeout, output,
                                        collected, fds)
             if kind is ErrorKind.NONE:
                 try:
