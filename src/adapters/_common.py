@@ -19,8 +19,9 @@ import signal
 import socket
 import stat
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypedDict
 
 from execproto import (
     DEFAULT_LIBEXEC_DIR,
@@ -50,8 +51,10 @@ __all__ = [
     "UNIX_RETRY_INTERVAL",
     "FdListener",
     "Listener",
+    "Listeners",
     "RunResult",
     "ServiceConfig",
+    "ServiceOptions",
     "SocketFile",
     "TcpListener",
     "UnixListener",
@@ -557,11 +560,94 @@ def bind_listener(spec: Listener, backlog: int = 128) -> tuple[socket.socket, So
     return sock, SocketFile(path, (st.st_dev, st.st_ino))
 
 
+class Listeners:
+    """A service's listening sockets: bound at once, then root is given up.
+
+    Binding happens before :func:`drop_privileges` (privileged ports,
+    root-owned directories), so no script ever runs as root when a user is
+    given.  On failure whatever was bound is closed again.
+
+    Args:
+        specs: where to listen.
+        config: the service's settings (``user``/``group``).
+
+    Raises:
+        OSError: a listener cannot be bound.
+        LocalProtocolError: an unknown user or group.
+    """
+
+    def __init__(self, specs: Iterable[Listener], config: ServiceConfig) -> None:
+        #: ``(socket, address)`` pairs, non-blocking.
+        self.sockets: list[tuple[socket.socket, str | tuple[str, int]]] = []
+        self._files: list[SocketFile] = []
+        try:
+            for spec in specs:
+                sock, socket_file = bind_listener(spec)
+                self.sockets.append((sock, listener_address(sock, spec)))
+                if socket_file is not None:
+                    self._files.append(socket_file)
+                sock.setblocking(False)
+            drop_privileges(config.user, config.group)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def addresses(self) -> list[str | tuple[str, int]]:
+        """The bound addresses: unix paths and ``(host, port)`` pairs."""
+        return [address for _, address in self.sockets]
+
+    def close(self) -> None:
+        """Close the sockets and remove the unix socket files still ours (idempotent)."""
+        for sock, _ in self.sockets:
+            sock.close()
+        self.sockets.clear()
+        for socket_file in self._files:
+            socket_file.remove()
+        self._files.clear()
+
+
+class ServiceOptions(TypedDict, total=False):
+    """The keyword arguments of every flavour's ``serve()``, all optional.
+
+    Keys:
+        env_allowlist: env names clients may set (``-e``); nothing else of any
+            environment reaches the script.
+        passthrough: ``-p``: the script reads the raw request; no result code.
+        header_timeout: total seconds allowed for the header (also the bound
+            on sending the result code and on draining what the client still
+            sends after it).
+        max_header_bytes: header size cap (default 64 KiB).
+        max_connections: connections handled at once; further clients wait in
+            the backlog.
+        libexec_dir: base of a relative script path.
+        grace: on stop, seconds running scripts get before being terminated.
+        kill_timeout: seconds between SIGTERM and SIGKILL (on stop, and when a
+            client's ``alarm=N`` expires).
+        logger: where the one-line-per-request log goes (``execproto``).
+        user: when started as root, switch to this user once the listeners
+            are bound, before any script runs.
+        group: with *user*, this group instead of the user's primary group.
+    """
+
+    env_allowlist: Sequence[BytesLike]
+    passthrough: bool
+    header_timeout: float
+    max_header_bytes: int
+    max_connections: int
+    libexec_dir: BytesLike
+    grace: float
+    kill_timeout: float
+    logger: logging.Logger | None
+    user: str | None
+    group: str | None
+
+
 @dataclass
 class ServiceConfig:
     """The settings of one service, shared by all flavours' ``serve()``.
 
-    Fields mirror ``serve()``'s keyword arguments; see there.
+    Fields: the script, its leading arguments, and :class:`ServiceOptions`.
     """
 
     script: BytesLike
@@ -583,6 +669,17 @@ class ServiceConfig:
         self.new_connection()
         if self.max_connections < 1:
             raise LocalProtocolError("max_connections must be at least 1")
+
+    @classmethod
+    def of(cls, script: BytesLike, script_args: Sequence[BytesLike],
+           options: ServiceOptions) -> ServiceConfig:
+        """The settings of one ``serve(listeners, script, script_args, **options)`` call."""
+        given: dict[str, Any] = dict(options)
+        if "env_allowlist" in given:
+            given["env_allowlist"] = tuple(given["env_allowlist"])
+        if given.get("logger", 0) is None:
+            del given["logger"]
+        return cls(script=script, script_args=tuple(script_args), **given)
 
     def new_connection(self) -> ServiceConnection:
         """A fresh core connection object with these settings."""

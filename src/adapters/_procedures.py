@@ -1,0 +1,865 @@
+"""Every adapter procedure, written once: generators that say what they wait for.
+
+Theory of operation
+-------------------
+A run (connect, exchange, fork driver) and a service connection (header,
+script, reply, close) are plain generators.  They do all the work with
+non-blocking calls and, whenever one would block, *yield a request* saying
+what they wait for; a flavour's driver (``blocking``, ``asyncio``, ``trio``)
+waits for it its own way and sends the answer back in.  This is the shape of
+psycopg 3's ``generators.py`` and ``waiting.py``, with richer requests:
+
+==============  ===================================================  =================
+request         the driver waits for / does                          sends back
+==============  ===================================================  =================
+``Wait``        one of ``read`` readable or ``write`` writable,      True, or False
+                at most ``timeout`` seconds (no fds: a sleep)        when timed out
+``Offload``     ``fn(*args)`` off the event loop (name lookups, a    its result
+                spawn while other connections are served)
+``NextInput``   the caller's next payload chunk                      bytes, or None
+``Deliver``     hand one output chunk to the caller                  None
+``Turn``        let other tasks run (a loop that never had to wait)  None
+``WaitJobs``    the service's connections to be done                 True, or False
+==============  ===================================================  =================
+
+A request with a ``timeout`` that passes while the caller's own code runs
+(``NextInput``, ``Deliver``, ``Offload``) makes the driver throw
+:class:`Expired` into the generator.  Cancellation (``KeyboardInterrupt``,
+``asyncio.CancelledError``, ``trio.Cancelled``) is thrown in the same way,
+with ``generator.throw()``, wherever the generator waits; the generator
+cleans up without waiting (a child is SIGKILLed and reaped at once) and lets
+it propagate.  Nothing here imports an event loop.
+
+Policy lives here and nowhere else: timeouts, the unix EAGAIN retry, the
+shared tcp connect timeout, SIGTERM then SIGKILL, result and error texts,
+half-close and drain rules, the reply's time limit, logging, the stop plan.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Generator, Iterable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from execproto import (
+    NEED_DATA,
+    BytesLike,
+    ClientConnection,
+    ClientState,
+    Data,
+    EndOfInput,
+    EnvLike,
+    ErrorKind,
+    ForkTarget,
+    Output,
+    RemoteProtocolError,
+    Request,
+    Result,
+    ScriptExited,
+    ScriptRequest,
+    ServiceConnection,
+    Target,
+    TcpTarget,
+    UnixTarget,
+    fork_argv,
+)
+
+from ._common import (
+    CHUNK,
+    KILL_TIMEOUT,
+    UNIX_RETRY_INTERVAL,
+    RunResult,
+    ServiceConfig,
+    coerce_target,
+    describe_connect_error,
+    describe_returncode,
+    env_bytes,
+    fork_result,
+    log_bad_header,
+    log_request,
+    peer_label,
+    resolve_program,
+    run_timeout_detail,
+    spawn,
+)
+
+__all__ = [
+    "TURN",
+    "Deliver",
+    "Expired",
+    "Job",
+    "Jobs",
+    "NextInput",
+    "Offload",
+    "Procedure",
+    "Turn",
+    "Wait",
+    "WaitJobs",
+    "accept",
+    "serve_connection",
+    "start_run",
+    "wind_down",
+]
+
+T = TypeVar("T")
+
+#: Seconds a loop that never had to wait runs before it lets others run.
+SLICE = 0.01
+#: Bound on reading what a client still sends after a dropped header.
+BAD_HEADER_DRAIN = 1.0
+
+monotonic = time.monotonic
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """Wait until a fd of *read* is readable or of *write* writable; True, or False on timeout."""
+
+    read: tuple[int, ...] = ()
+    write: tuple[int, ...] = ()
+    timeout: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Offload:
+    """Call ``fn(*args)`` off the event loop; its result is sent back, its error thrown in.
+
+    *abandon*: on cancellation the driver may stop waiting for it (a name
+    lookup; *timeout* applies to those only).  Otherwise the driver either
+    waits for it and throws the cancellation in at the next request, or,
+    when it cannot wait, hands the call's result to *undo* once it comes (a
+    spawn: the child is killed and reaped).
+    """
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    abandon: bool = False
+    timeout: float | None = None
+    undo: Callable[[Any], object] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NextInput:
+    """The caller's next non-empty payload chunk, or None at its end."""
+
+    timeout: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    """Hand one chunk of output to the caller (its callback, stream or list)."""
+
+    data: bytes
+    timeout: float | None = None
+
+
+class Turn:
+    """Let other tasks run: a busy loop that never waits still takes turns."""
+
+    __slots__ = ()
+
+
+TURN = Turn()
+
+
+@dataclass(frozen=True, slots=True)
+class WaitJobs:
+    """Wait until the service has no connection left; True, or False on timeout."""
+
+    timeout: float | None = None
+
+
+class Expired(Exception):
+    """The timeout of a NextInput, Deliver or Offload request passed (thrown in)."""
+
+
+Request_ = Wait | Offload | NextInput | Deliver | Turn | WaitJobs
+#: A procedure: yields requests, is sent their answers, returns a T.
+Procedure = Generator[Request_, Any, T]
+
+
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else deadline - monotonic()
+
+
+# --- processes ----------------------------------------------------------------
+
+
+def open_pidfd(pid: int) -> int:
+    """A pidfd for a child just started; if that fails the child is killed and reaped."""
+    try:
+        return os.pidfd_open(pid)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
+
+
+def send_signal(pidfd: int, signum: int) -> None:
+    """Signal a child through its pidfd: never a recycled pid."""
+    with contextlib.suppress(ProcessLookupError, OSError):
+        signal.pidfd_send_signal(pidfd, signum)
+
+
+def kill_and_reap(pid: int, pidfd: int) -> None:
+    """SIGKILL and a blocking reap: the way out on cancellation (microseconds)."""
+    send_signal(pidfd, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
+def wait_child(pid: int, pidfd: int, timeout: float | None) -> Procedure[int | None]:
+    """Wait up to *timeout* seconds for the child; its return code, or None if it runs on."""
+    yield Wait(read=(pidfd,), timeout=timeout)
+    done, status = os.waitpid(pid, os.WNOHANG)
+    return os.waitstatus_to_exitcode(status) if done else None
+
+
+def terminate(pid: int, pidfd: int, kill_timeout: float) -> Procedure[int]:
+    """SIGTERM, then SIGKILL after *kill_timeout*; always reaps."""
+    send_signal(pidfd, signal.SIGTERM)
+    code = yield from wait_child(pid, pidfd, kill_timeout)
+    while code is None:
+        send_signal(pidfd, signal.SIGKILL)
+        code = yield from wait_child(pid, pidfd, None)
+    return code
+
+
+# --- client: connect ----------------------------------------------------------
+
+
+class _ConnectTimeout(Exception):
+    pass
+
+
+def _connect_address(family: int, kind: int, proto: int, address: Any,
+                     timeout: float | None) -> Procedure[socket.socket]:
+    """A non-blocking connect; raises OSError (EAGAIN included) or _ConnectTimeout."""
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setblocking(False)
+        err = sock.connect_ex(address)
+        if err == errno.EINPROGRESS:
+            if not (yield Wait(write=(sock.fileno(),), timeout=timeout)):
+                raise _ConnectTimeout
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            raise OSError(err, os.strerror(err))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _resolve(target: TcpTarget, deadline: float | None) -> Procedure[list[Any]]:
+    try:  # an IP literal is resolved at once
+        return socket.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM,
+                                  flags=socket.AI_NUMERICHOST)
+    except socket.gaierror:
+        pass
+    try:
+        infos = yield Offload(socket.getaddrinfo, (target.host, target.port, 0,
+                                                   socket.SOCK_STREAM),
+                              abandon=True, timeout=_left(deadline))
+    except Expired:
+        raise _ConnectTimeout from None
+    return list(infos)
+
+
+def connect(target: UnixTarget | TcpTarget, timeout: float | None) -> Procedure[socket.socket]:
+    """Connect like Dovecot's program client (PROTOCOL.md 6.3, 6.4).
+
+    unix: a full backlog (EAGAIN) is retried every 100 ms until the timeout.
+    tcp: every resolved address is tried in turn, each with an equal share
+    of what is left of the timeout, so one black-holed address cannot use
+    it all up.
+
+    Raises:
+        OSError: the connect failed (the last address's error for tcp).
+        _ConnectTimeout: the timeout passed.
+    """
+    deadline = None if timeout is None else monotonic() + timeout
+    if isinstance(target, TcpTarget):
+        infos = yield from _resolve(target, deadline)
+        last: OSError | None = None
+        for index, (family, kind, proto, _, address) in enumerate(infos):
+            left = _left(deadline)
+            share = None if left is None else left / (len(infos) - index)
+            if share is not None and share <= 0:
+                break
+            try:
+                return (yield from _connect_address(family, kind, proto, address, share))
+            except OSError as exc:
+                last = exc
+            except _ConnectTimeout:
+                last = None
+        if last is None:
+            raise _ConnectTimeout
+        raise last
+    while True:
+        try:
+            # A unix connect never waits: it succeeds, fails, or says EAGAIN.
+            return (yield from _connect_address(socket.AF_UNIX, socket.SOCK_STREAM, 0,
+                                                target.path, None))
+        except OSError as exc:
+            if exc.errno != errno.EAGAIN:
+                raise
+        left = _left(deadline)
+        if left is not None and left <= 0:
+            raise _ConnectTimeout
+        yield Wait(timeout=UNIX_RETRY_INTERVAL if left is None
+                   else min(UNIX_RETRY_INTERVAL, left))
+
+
+# --- client: the exchange -----------------------------------------------------
+
+
+class _Output:
+    """Where output goes: collected here, or delivered to the caller chunk by chunk."""
+
+    __slots__ = ("chunks",)
+
+    def __init__(self, collect: bool) -> None:
+        self.chunks: list[bytes] | None = [] if collect else None
+
+    def put(self, data: bytes, deadline: float | None) -> Procedure[None]:
+        if self.chunks is not None:
+            self.chunks.append(data)
+        else:
+            yield Deliver(data, _left(deadline))
+
+    def data(self) -> bytes | None:
+        return b"".join(self.chunks) if self.chunks is not None else None
+
+
+def exchange(sock: socket.socket, conn: ClientConnection, header: bytes, label: str,
+             timeout: float | None, out: _Output) -> Procedure[RunResult]:
+    """Send the request and payload while reading the reply, until the core has a Result.
+
+    One loop does both directions, so a script that writes before it reads
+    cannot deadlock it.  Sending stops when the core says so (the payload
+    ended, a write failed, or the reply is already complete); a failed
+    write is reported with ``send_failed()`` and the core decides what it
+    means for the result.
+    """
+    deadline = None if timeout is None else monotonic() + timeout
+    fd = sock.fileno()
+    pending = memoryview(header)
+    reads = conn.reads_reply
+    sending = True
+    since = monotonic()
+
+    def fail(kind: ErrorKind, detail: str) -> RunResult:
+        return RunResult.failure(kind, detail, target=label, output=out.data())
+
+    try:
+        while True:
+            blocked = False
+            while sending:
+                if not pending:
+                    if conn.state is ClientState.SENDING:
+                        chunk = yield NextInput(_left(deadline))
+                        pending = memoryview(conn.send(
+                            EndOfInput() if chunk is None else Data(data=chunk)))
+                        continue
+                    # All sent, or a write failed: the core knows which.
+                    sending = False
+                    if not reads:
+                        result = conn.next_event()
+                        assert isinstance(result, Result)
+                        return RunResult.from_result(result, output=None, target=label)
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_WR)
+                    break
+                try:
+                    pending = pending[sock.send(pending):]
+                except BlockingIOError:
+                    blocked = True
+                except OSError as exc:
+                    # The service stopped reading (the script ended early): its
+                    # result code may still arrive.
+                    conn.send_failed(f"write({label}) failed: {exc.strerror}")
+                    pending = memoryview(b"")
+                    continue
+                if blocked:
+                    break
+            waiting_read = not reads  # without a reply to read, only the send waits
+            if reads:
+                try:
+                    data: bytes | None = sock.recv(CHUNK)
+                except BlockingIOError:
+                    data, waiting_read = None, True
+                except ConnectionResetError:
+                    conn.receive_reset()
+                    data = None
+                except OSError as exc:
+                    return fail(ErrorKind.IO, f"read({label}) failed: {exc.strerror}")
+                if data is not None:
+                    conn.receive_data(data)
+                while True:
+                    event = conn.next_event()
+                    if type(event) is Output:
+                        yield from out.put(event.data, deadline)
+                        continue
+                    if type(event) is Result:
+                        # The reply is complete: nothing more is sent either.
+                        return RunResult.from_result(event, output=out.data(), target=label)
+                    break
+            left = _left(deadline)
+            if left is not None and left <= 0:
+                return fail(ErrorKind.RUN_TIMEOUT, run_timeout_detail(timeout))
+            if waiting_read:
+                if not (yield Wait(read=(fd,) if reads else (), write=(fd,) if blocked else (),
+                                   timeout=left)):
+                    return fail(ErrorKind.RUN_TIMEOUT, run_timeout_detail(timeout))
+                since = monotonic()
+            elif monotonic() - since >= SLICE:
+                yield TURN
+                since = monotonic()
+    except Expired:
+        return fail(ErrorKind.RUN_TIMEOUT, run_timeout_detail(timeout))
+
+
+def _run_socket(target: UnixTarget | TcpTarget, conn: ClientConnection, header: bytes,
+                connect_timeout: float | None, timeout: float | None,
+                out: _Output) -> Procedure[RunResult]:
+    label = target.label
+    try:
+        sock = yield from connect(target, connect_timeout)
+    except _ConnectTimeout:
+        return RunResult.failure(ErrorKind.CONNECT_TIMEOUT,
+                                 f"connect({label}) timed out after {connect_timeout} s",
+                                 target=label)
+    except OSError as exc:
+        kind, detail = describe_connect_error(label, exc)
+        return RunResult.failure(kind, detail, target=label)
+    with sock:
+        return (yield from exchange(sock, conn, header, label, timeout, out))
+
+
+# --- client: the fork driver --------------------------------------------------
+
+
+def _pump_pipes(in_w: int | None, out_r: int | None, deadline: float | None,
+                out: _Output, fds: list[int]) -> Procedure[bool]:
+    """Feed the child's stdin and read its stdout at once; False when the deadline passed."""
+    pending = memoryview(b"")
+    since = monotonic()
+    try:
+        while in_w is not None or out_r is not None:
+            waiting_write = waiting_read = False
+            while in_w is not None:
+                if not pending:
+                    chunk = yield NextInput(_left(deadline))
+                    if chunk is None:
+                        fds.remove(in_w)
+                        os.close(in_w)
+                        in_w = None
+                        break
+                    pending = memoryview(chunk)
+                try:
+                    pending = pending[os.write(in_w, pending):]
+                except BlockingIOError:
+                    waiting_write = True
+                    break
+                except BrokenPipeError:  # the program does not read all of its input
+                    fds.remove(in_w)
+                    os.close(in_w)
+                    in_w = None
+            if out_r is not None:
+                try:
+                    data = os.read(out_r, CHUNK)
+                except BlockingIOError:
+                    waiting_read = True
+                else:
+                    if data:
+                        yield from out.put(data, deadline)
+                    else:
+                        out_r = None
+            left = _left(deadline)
+            if left is not None and left <= 0:
+                return False
+            if (waiting_read and (waiting_write or in_w is None)) or (
+                    waiting_write and out_r is None):
+                ready = yield Wait(read=(out_r,) if waiting_read and out_r is not None else (),
+                                   write=(in_w,) if waiting_write and in_w is not None else (),
+                                   timeout=left)
+                if not ready:
+                    return False
+                since = monotonic()
+            elif monotonic() - since >= SLICE:
+                yield TURN
+                since = monotonic()
+    except Expired:
+        return False
+    return True
+
+
+def _run_fork(target: ForkTarget, argv: tuple[bytes, ...], environ: dict[bytes, bytes],
+              has_input: bool, want_output: bool, timeout: float | None,
+              out: _Output) -> Procedure[RunResult]:
+    label = target.label
+    deadline = None if timeout is None else monotonic() + timeout
+    fds: list[int] = []
+    try:
+        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        fds.append(null)
+        in_r, in_w = os.pipe() if has_input else (null, -1)
+        out_r, out_w = os.pipe() if want_output else (-1, null)
+        fds.extend(fd for fd in (in_r, in_w, out_r, out_w) if fd not in (-1, null))
+        try:
+            pid = spawn(argv, environ, stdin=in_r, stdout=out_w,
+                        executable=resolve_program(argv[0]))
+        except OSError as exc:
+            return fork_result(None, killed_by_us=False, target=label, output=out.data(),
+                               detail=f"execvp({target.path}) failed: {exc.strerror}")
+        for fd in (in_r, out_w):
+            if fd != null:
+                fds.remove(fd)
+                os.close(fd)
+        for fd in (in_w, out_r):
+            if fd != -1:
+                os.set_blocking(fd, False)
+        pidfd = open_pidfd(pid)
+        try:
+            finished = yield from _pump_pipes(in_w if has_input else None,
+                                              out_r if want_output else None, deadline, out, fds)
+            returncode = None
+            if finished:
+                returncode = yield from wait_child(pid, pidfd, _left(deadline))
+            kind, detail = ErrorKind.NONE, ""
+            if returncode is None:
+                kind, detail = ErrorKind.RUN_TIMEOUT, run_timeout_detail(timeout)
+                returncode = yield from terminate(pid, pidfd, KILL_TIMEOUT)
+        except BaseException:
+            # Cancelled, or the caller's input/output raised: kill at once, reap.
+            kill_and_reap(pid, pidfd)
+            raise
+        finally:
+            os.close(pidfd)
+        return fork_result(returncode, killed_by_us=kind is not ErrorKind.NONE, target=label,
+                           output=out.data(), kind=kind, detail=detail)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def start_run(
+    target: Target | str,
+    args: Iterable[BytesLike],
+    *,
+    env: EnvLike | None,
+    noreply: bool,
+    connect_timeout: float | None,
+    timeout: float | None,
+    read_output: bool,
+    collect: bool,
+    has_input: bool,
+    base_dir: str | None,
+    lenient_reset: bool,
+) -> Procedure[RunResult]:
+    """Check a run's arguments now and return the procedure that performs it.
+
+    *read_output*: the caller wants the output (collected if *collect*,
+    else yielded as Deliver requests).  *has_input*: a payload will be
+    asked for with NextInput (the fork driver then gives the child a pipe
+    rather than ``/dev/null``).
+
+    Raises:
+        LocalProtocolError: invalid arguments (a NUL byte, a bad URI...).
+    """
+    resolved = coerce_target(target, base_dir)
+    out = _Output(collect and read_output)
+    if isinstance(resolved, ForkTarget):
+        argv = fork_argv(resolved.path, args)
+        return _run_fork(resolved, argv, env_bytes(env), has_input, read_output, timeout, out)
+    conn = ClientConnection(dot=isinstance(resolved, TcpTarget), read_output=read_output,
+                            lenient_reset=lenient_reset)
+    header = conn.send(Request(args=args, env=env_bytes(env).items(), noreply=noreply))
+    return _run_socket(resolved, conn, header, connect_timeout, timeout, out)
+
+
+# --- service ------------------------------------------------------------------
+
+
+class Job:
+    """One connection a service handles: what a stop needs to know of it.
+
+    Fields:
+        pidfd: the running script's pidfd, else None (guarded by ``Jobs.lock``).
+        reading_header: no script has been started yet.
+        cancel: set by the flavour: ends the handling at once (a stop that
+            ran out of patience).
+    """
+
+    __slots__ = ("cancel", "pidfd", "reading_header")
+
+    def __init__(self, cancel: Callable[[], object]) -> None:
+        self.pidfd: int | None = None
+        self.reading_header = True
+        self.cancel = cancel
+
+
+class Jobs:
+    """The connections of one service (thread-safe: the blocking flavour has workers)."""
+
+    def __init__(self) -> None:
+        #: Guards the set and each job's pidfd (re-entrant: flavours build on it).
+        self.lock = threading.RLock()
+        self._jobs: set[Job] = set()
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def add(self, job: Job) -> None:
+        """A connection starts being handled."""
+        with self.lock:
+            self._jobs.add(job)
+
+    def discard(self, job: Job) -> None:
+        """A connection is done."""
+        with self.lock:
+            self._jobs.discard(job)
+
+    def signal_scripts(self, signum: int) -> None:
+        """Send *signum* to every running script (through its pidfd, under the lock)."""
+        with self.lock:
+            for job in self._jobs:
+                if job.pidfd is not None:
+                    send_signal(job.pidfd, signum)
+
+    def cancel(self, *, header_only: bool) -> None:
+        """Cancel the jobs still reading a header (too late to start a script), or all."""
+        with self.lock:  # a job that is done (discarded) is never cancelled
+            for job in list(self._jobs):
+                if job.reading_header or not header_only:
+                    with contextlib.suppress(OSError):
+                        job.cancel()
+
+
+def accept(listeners: list[tuple[socket.socket, str | tuple[str, int]]], config: ServiceConfig,
+           wake: int | None = None) -> Procedure[tuple[socket.socket, str] | None]:
+    """Accept one client of any listener: ``(socket, peer label)``; None when *wake* is readable.
+
+    Failures such as EMFILE are logged and retried after 0.1 s: the
+    service keeps serving.
+    """
+    fds = tuple(sock.fileno() for sock, _ in listeners) + (() if wake is None else (wake,))
+    while True:
+        for sock, name in listeners:
+            try:
+                conn, peer = sock.accept()
+            except (BlockingIOError, ConnectionAbortedError):
+                continue
+            except OSError as exc:
+                config.logger.error("accept() failed: %s", exc)
+                yield Wait(timeout=0.1)
+                continue
+            return conn, peer_label(name, peer)
+        if wake is not None and (yield Wait(read=(wake,), timeout=0)):
+            return None
+        yield Wait(read=fds)
+
+
+class _HeaderTimeout(Exception):
+    pass
+
+
+def _recv(sock: socket.socket, size: int, deadline: float, flags: int = 0) -> Procedure[bytes]:
+    while True:
+        try:
+            return sock.recv(size, flags)
+        except BlockingIOError:
+            left = deadline - monotonic()
+            if left <= 0 or not (yield Wait(read=(sock.fileno(),), timeout=left)):
+                raise _HeaderTimeout from None
+
+
+def read_header(sock: socket.socket,
+                config: ServiceConfig) -> Procedure[tuple[ServiceConnection, ScriptRequest]]:
+    """Read the request header, consuming exactly its bytes.
+
+    The payload stays queued on the socket for the script (Dovecot's
+    script service does the same).
+    """
+    svc = config.new_connection()
+    deadline = monotonic() + config.header_timeout
+    consumed = 0
+    event = svc.next_event()
+    while event is NEED_DATA:
+        data = yield from _recv(sock, 65536, deadline, socket.MSG_PEEK)
+        svc.receive_data(data)
+        event = svc.next_event()
+        if event is NEED_DATA:
+            sock.recv(len(data))  # all header bytes: consume them
+            consumed += len(data)
+    assert isinstance(event, ScriptRequest)
+    left = event.header_size - consumed
+    while left > 0:
+        chunk = yield from _recv(sock, left, deadline)
+        if not chunk:
+            raise RemoteProtocolError("disconnected while the header was consumed")
+        left -= len(chunk)
+    return svc, event
+
+
+def _send_reply(sock: socket.socket, data: bytes, deadline: float) -> Procedure[str]:
+    """Send the result code before *deadline*; "" or what went wrong (for the log)."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view):]
+        except BlockingIOError:
+            left = deadline - monotonic()
+            if left <= 0 or not (yield Wait(write=(sock.fileno(),), timeout=left)):
+                return ", client does not read: no reply sent"
+        except OSError as exc:
+            return f", client gone: {exc.strerror}"
+    return ""
+
+
+def close_gently(sock: socket.socket, drain_for: float) -> Procedure[None]:
+    """Half-close, then read until the client closes too, for at most *drain_for* seconds.
+
+    Closing a socket with unread data makes Linux send a reset, which can
+    destroy the result code before the client reads it (quirk Q8): so the
+    payload the script did not read is drained first.
+    """
+    deadline = monotonic() + drain_for
+    with contextlib.suppress(OSError, _HeaderTimeout):
+        sock.shutdown(socket.SHUT_WR)
+        while (yield from _recv(sock, CHUNK, deadline)):
+            pass
+
+
+def _spawn_on(argv: tuple[bytes, ...], environ: dict[bytes, bytes], fd: int) -> int:
+    return spawn(argv, environ, stdin=fd, stdout=fd)
+
+
+def _reap_orphan(pid: int) -> None:
+    """A script started for a connection that was cancelled meanwhile."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
+def run_script(sock: socket.socket, svc: ServiceConnection, request: ScriptRequest,
+               config: ServiceConfig, job: Job, jobs: Jobs) -> Procedure[str]:
+    """Run the script on the connection, reply, close; say how it went, for the log."""
+    fd = sock.fileno()
+    sock.setblocking(True)  # the script gets a blocking socket
+    try:
+        try:
+            if len(jobs) > 1:
+                # posix_spawn blocks until the child runs (about half a
+                # millisecond): with other connections to serve, off the loop.
+                pid = yield Offload(_spawn_on, (request.argv, request.environ, fd),
+                                    undo=_reap_orphan)
+            else:
+                pid = _spawn_on(request.argv, request.environ, fd)
+        except OSError as exc:
+            config.logger.error("execvp(%r) failed: %s", request.argv[0], exc.strerror)
+            returncode: int | None = None
+            how = "not started"
+        else:
+            pidfd = open_pidfd(pid)
+            job.pidfd = pidfd
+            try:
+                how = ""
+                returncode = yield from wait_child(pid, pidfd, request.alarm or None)
+                if returncode is None:
+                    # alarm=N expired: end the script before replying (quirk Q9).
+                    how = f"alarm {request.alarm} s expired, "
+                    returncode = yield from terminate(pid, pidfd, config.kill_timeout)
+            except BaseException:
+                kill_and_reap(pid, pidfd)
+                raise
+            finally:
+                with jobs.lock:
+                    job.pidfd = None
+                    os.close(pidfd)
+            how += describe_returncode(returncode)
+    finally:
+        sock.setblocking(False)  # the script is gone: the socket is ours again
+    # The reply has the header's time limit: a client that never reads it
+    # must not keep the slot.
+    reply = svc.send(ScriptExited(returncode=returncode))
+    trouble = yield from _send_reply(sock, reply, monotonic() + config.header_timeout)
+    if not trouble:  # else there is no result code to protect from a reset
+        yield from close_gently(sock, config.header_timeout)
+    return how + trouble
+
+
+def serve_connection(sock: socket.socket, peer: str, config: ServiceConfig, job: Job,
+                     jobs: Jobs) -> Procedure[None]:
+    """Handle one connection from accept to close: the whole of a request's way.
+
+    Read the header, run the script with the socket as its stdin and
+    stdout, send the result code, half-close and drain, and write one log
+    line.  Nothing a client does makes it raise (only cancellation
+    propagates); the caller closes the socket.
+    """
+    started = monotonic()
+    logger = config.logger
+    try:
+        sock.setblocking(False)
+        svc, request = yield from read_header(sock, config)
+        job.reading_header = False
+        how = yield from run_script(sock, svc, request, config, job, jobs)
+        log_request(logger, peer, request, how, monotonic() - started)
+    except RemoteProtocolError as exc:
+        log_bad_header(logger, peer, exc)
+        # Read what the client still sends before closing, so that the
+        # close is not a reset (bounded: a hostile client cannot keep the slot).
+        yield from close_gently(sock, min(BAD_HEADER_DRAIN, config.header_timeout))
+    except _HeaderTimeout:
+        logger.warning("%s: header not received within %s s", peer, config.header_timeout)
+    except OSError as exc:
+        logger.warning("%s: %s", peer, exc)
+    except Exception:  # never let one connection take the service down
+        logger.exception("%s: unexpected error", peer)
+
+
+def wind_down(jobs: Jobs, config: ServiceConfig) -> Procedure[None]:
+    """Stop a service whose listeners are closed: the one stop plan of every flavour.
+
+    Running scripts get ``grace`` seconds; then connections still reading a
+    header are cancelled and scripts get SIGTERM; ``kill_timeout`` seconds
+    later SIGKILL.  Killed scripts are still reaped and answered (``-``)
+    within a bounded drain; whatever is left then is cancelled.  A
+    cancellation thrown in meanwhile skips the remaining waits and is
+    re-raised at the end, once every connection is done.
+    """
+    interrupted: BaseException | None = None
+
+    def patience(timeout: float) -> Procedure[None]:
+        nonlocal interrupted
+        if interrupted is None and len(jobs):
+            try:
+                yield WaitJobs(timeout)
+            except BaseException as exc:
+                interrupted = exc
+
+    yield from patience(config.grace)
+    jobs.cancel(header_only=True)
+    jobs.signal_scripts(signal.SIGTERM)
+    yield from patience(config.kill_timeout)
+    jobs.signal_scripts(signal.SIGKILL)
+    yield from patience(config.header_timeout + 1.0)
+    jobs.cancel(header_only=False)
+    while len(jobs):
+        try:
+            yield WaitJobs(None)
+        except BaseException as exc:
+            interrupted = interrupted or exc
+    if interrupted is not None:
+        raise interrupted
