@@ -52,6 +52,7 @@ __all__ = [
     "FdListener",
     "Listener",
     "Listeners",
+    "RunOptions",
     "RunResult",
     "ServiceConfig",
     "ServiceOptions",
@@ -144,6 +145,32 @@ class RunResult:
                 output: bytes | None = None) -> RunResult:
         """An INTERNAL_FAILURE of the given kind."""
         return cls(Status.INTERNAL_FAILURE, kind, detail, output, target)
+
+
+class RunOptions(TypedDict, total=False):
+    """The keyword arguments of every flavour's ``run()`` and ``open_run()``, all optional.
+
+    Keys:
+        env: variables for the script.  Over unix/tcp the service keeps only
+            its allowlisted names; with fork they are the whole environment.
+        noreply: no result code (the status is SUCCESS if the exchange worked).
+        connect_timeout: seconds to connect (default 10; None: wait forever).
+        timeout: total seconds for the run after connecting (Dovecot's
+            "input idle timeout", which is a total limit: quirk Q16).
+        read_output: with ``noreply``, False closes the connection after the
+            payload without reading anything (Dovecot's quota warnings do so).
+        base_dir: resolve a relative ``unix:`` path against it.
+        lenient_reset: a reset after a complete result code is the verdict
+            (default True; False reports it as an I/O error, like Dovecot).
+    """
+
+    env: EnvLike | None
+    noreply: bool
+    connect_timeout: float | None
+    timeout: float | None
+    read_output: bool
+    base_dir: str | None
+    lenient_reset: bool
 
 
 def coerce_target(target: Target | str, base_dir: str | None = None) -> Target:

@@ -44,7 +44,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -55,7 +55,6 @@ from execproto import (
     ClientState,
     Data,
     EndOfInput,
-    EnvLike,
     ErrorKind,
     ForkTarget,
     Output,
@@ -73,8 +72,10 @@ from execproto import (
 
 from ._common import (
     CHUNK,
+    DEFAULT_CONNECT_TIMEOUT,
     KILL_TIMEOUT,
     UNIX_RETRY_INTERVAL,
+    RunOptions,
     RunResult,
     ServiceConfig,
     coerce_target,
@@ -103,6 +104,7 @@ __all__ = [
     "Wait",
     "WaitJobs",
     "accept",
+    "drive",
     "serve_connection",
     "start_run",
     "wind_down",
@@ -369,6 +371,9 @@ def exchange(sock: socket.socket, conn: ClientConnection, header: bytes, label: 
                         chunk = yield NextInput(_left(deadline))
                         pending = memoryview(conn.send(
                             EndOfInput() if chunk is None else Data(data=chunk)))
+                        if monotonic() - since >= SLICE:  # many small chunks
+                            yield TURN
+                            since = monotonic()
                         continue
                     # All sent, or a write failed: the core knows which.
                     sending = False
@@ -465,6 +470,9 @@ def _pump_pipes(in_w: int | None, out_r: int | None, deadline: float | None,
                         in_w = None
                         break
                     pending = memoryview(chunk)
+                    if monotonic() - since >= SLICE:  # many small chunks
+                        yield TURN
+                        since = monotonic()
                 try:
                     pending = pending[os.write(in_w, pending):]
                 except BlockingIOError:
@@ -552,39 +560,53 @@ def _run_fork(target: ForkTarget, argv: tuple[bytes, ...], environ: dict[bytes, 
             os.close(fd)
 
 
-def start_run(
-    target: Target | str,
-    args: Iterable[BytesLike],
-    *,
-    env: EnvLike | None,
-    noreply: bool,
-    connect_timeout: float | None,
-    timeout: float | None,
-    read_output: bool,
-    collect: bool,
-    has_input: bool,
-    base_dir: str | None,
-    lenient_reset: bool,
-) -> Procedure[RunResult]:
+def start_run(target: Target | str, args: Iterable[BytesLike], options: RunOptions, *,
+              collect: bool, has_input: bool) -> Procedure[RunResult]:
     """Check a run's arguments now and return the procedure that performs it.
 
-    *read_output*: the caller wants the output (collected if *collect*,
-    else yielded as Deliver requests).  *has_input*: a payload will be
-    asked for with NextInput (the fork driver then gives the child a pipe
-    rather than ``/dev/null``).
+    Output is collected if *collect*, else yielded as Deliver requests.
+    *has_input*: a payload will be asked for with NextInput (the fork
+    driver then gives the child a pipe rather than ``/dev/null``).
 
     Raises:
         LocalProtocolError: invalid arguments (a NUL byte, a bad URI...).
     """
-    resolved = coerce_target(target, base_dir)
+    resolved = coerce_target(target, options.get("base_dir"))
+    env = env_bytes(options.get("env"))
+    read_output = options.get("read_output", True)
+    timeout = options.get("timeout")
     out = _Output(collect and read_output)
     if isinstance(resolved, ForkTarget):
         argv = fork_argv(resolved.path, args)
-        return _run_fork(resolved, argv, env_bytes(env), has_input, read_output, timeout, out)
+        return _run_fork(resolved, argv, env, has_input, read_output, timeout, out)
     conn = ClientConnection(dot=isinstance(resolved, TcpTarget), read_output=read_output,
-                            lenient_reset=lenient_reset)
-    header = conn.send(Request(args=args, env=env_bytes(env).items(), noreply=noreply))
-    return _run_socket(resolved, conn, header, connect_timeout, timeout, out)
+                            lenient_reset=options.get("lenient_reset", True))
+    header = conn.send(Request(args=args, env=env.items(), noreply=options.get("noreply", False)))
+    return _run_socket(resolved, conn, header,
+                       options.get("connect_timeout", DEFAULT_CONNECT_TIMEOUT), timeout, out)
+
+
+async def drive(procedure: Procedure[T], answer: Mapping[type, Callable[[Any], Awaitable[Any]]],
+                ) -> T:
+    """Run *procedure* to its end, answering each request with ``answer[type(request)]``.
+
+    The one driver loop of every flavour: asyncio and trio await it; the
+    blocking flavour's answers never suspend, so it completes in a single
+    ``send()``.  Whatever an answer raises (a cancellation, an error of the
+    caller's input or output) is thrown into the procedure, which cleans
+    up and lets it propagate.
+    """
+    reply: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            request = procedure.throw(error) if error is not None else procedure.send(reply)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+        try:
+            reply, error = await answer[type(request)](request), None
+        except BaseException as exc:  # thrown into the procedure
+            reply, error = None, exc
 
 
 # --- service ------------------------------------------------------------------

@@ -33,12 +33,12 @@ from typing import Any, BinaryIO, TypeVar
 
 from typing_extensions import Unpack
 
-from execproto import BytesLike, EnvLike, Target
+from execproto import BytesLike, Target
 
 from ._common import (
-    DEFAULT_CONNECT_TIMEOUT,
     Listener,
     Listeners,
+    RunOptions,
     RunResult,
     ServiceConfig,
     ServiceOptions,
@@ -51,11 +51,11 @@ from ._procedures import (
     Jobs,
     NextInput,
     Offload,
-    Procedure,
     Turn,
     Wait,
     WaitJobs,
     accept,
+    drive,
     serve_connection,
     start_run,
     wind_down,
@@ -127,48 +127,6 @@ async def _offload(loop: asyncio.AbstractEventLoop, request: Offload) -> Any:
         raise
 
 
-async def drive(procedure: Procedure[T], *, chunks: Iterator[bytes] | AsyncIterator[bytes]
-                | None = None, output: OutputCallback | None = None,
-                wait_jobs: Callable[[float | None], Awaitable[bool]] | None = None) -> T:
-    """Run *procedure* to its end in this task; return what it returns.
-
-    A cancellation, or an error of *chunks* or *output*, is thrown into the
-    procedure, which cleans up and lets it propagate.
-    """
-    loop = asyncio.get_running_loop()
-    answer: Any = None
-    error: BaseException | None = None
-    while True:
-        try:
-            request = procedure.throw(error) if error is not None else procedure.send(answer)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
-        answer = error = None
-        try:
-            kind = type(request)
-            if kind is Wait:
-                answer = await _wait(loop, request)  # type: ignore[arg-type]
-            elif kind is NextInput:
-                if isinstance(chunks, Iterator):
-                    answer = next(chunks, None)
-                elif chunks is not None:
-                    answer = await _within(_next_chunk(chunks), request.timeout)  # type: ignore[union-attr]
-            elif kind is Deliver:
-                assert output is not None
-                returned = output(request.data)  # type: ignore[union-attr]
-                if inspect.isawaitable(returned):
-                    await _within(returned, request.timeout)  # type: ignore[union-attr]
-            elif kind is Offload:
-                answer = await _offload(loop, request)  # type: ignore[arg-type]
-            elif kind is Turn:
-                await asyncio.sleep(0)
-            elif kind is WaitJobs:
-                assert wait_jobs is not None
-                answer = await wait_jobs(request.timeout)  # type: ignore[union-attr]
-        except BaseException as exc:  # thrown into the procedure
-            error = exc
-
-
 async def _next_chunk(chunks: AsyncIterator[bytes]) -> bytes | None:
     async for chunk in chunks:
         if chunk:
@@ -176,33 +134,48 @@ async def _next_chunk(chunks: AsyncIterator[bytes]) -> bytes | None:
     return None
 
 
-def _chunks(input: Input) -> Iterator[bytes] | AsyncIterator[bytes]:
-    return input.__aiter__() if isinstance(input, AsyncIterable) else input_chunks(input)
+async def _turn(request: Turn) -> None:
+    await asyncio.sleep(0)
 
 
-def _prepare(target: Target | str, args: Iterable[BytesLike], *, input: Input,
-             output: OutputCallback | None, read_output: bool,
-             **settings: Any) -> Callable[[], Coroutine[Any, Any, RunResult]]:
+async def _offload_request(request: Offload) -> Any:
+    return await _offload(asyncio.get_running_loop(), request)
+
+
+async def _wait_request(request: Wait) -> bool:
+    return await _wait(asyncio.get_running_loop(), request)
+
+
+_ANSWERS: dict[type, Callable[[Any], Awaitable[Any]]] = {
+    Wait: _wait_request, Offload: _offload_request, Turn: _turn}
+
+
+def _prepare(target: Target | str, args: Iterable[BytesLike], input: Input,
+             output: OutputCallback | None,
+             options: RunOptions) -> Callable[[], Coroutine[Any, Any, RunResult]]:
     """Check the arguments now; return what performs the run when called."""
-    procedure = start_run(target, args, read_output=read_output, collect=output is None,
-                          has_input=input is not None, **settings)
-    return lambda: drive(procedure, chunks=_chunks(input), output=output)
+    procedure = start_run(target, args, options, collect=output is None,
+                          has_input=input is not None)
+
+    async def next_input(request: NextInput) -> bytes | None:
+        if isinstance(chunks, Iterator):
+            return next(chunks, None)
+        return await _within(_next_chunk(chunks), request.timeout)
+
+    async def deliver(request: Deliver) -> None:
+        assert output is not None
+        returned = output(request.data)
+        if inspect.isawaitable(returned):
+            await _within(returned, request.timeout)
+
+    chunks = input.__aiter__() if isinstance(input, AsyncIterable) else input_chunks(input)
+    answers: dict[type, Callable[[Any], Awaitable[Any]]] = {
+        **_ANSWERS, NextInput: next_input, Deliver: deliver}
+    return lambda: drive(procedure, answers)
 
 
-async def run(
-    target: Target | str,
-    args: Iterable[BytesLike] = (),
-    *,
-    input: Input = None,
-    env: EnvLike | None = None,
-    noreply: bool = False,
-    connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
-    timeout: float | None = None,
-    output: OutputCallback | None = None,
-    read_output: bool = True,
-    base_dir: str | None = None,
-    lenient_reset: bool = True,
-) -> RunResult:
+async def run(target: Target | str, args: Iterable[BytesLike] = (), *, input: Input = None,
+              output: OutputCallback | None = None, **options: Unpack[RunOptions]) -> RunResult:
     """Run one script and wait for its result.
 
     The same as :func:`execproto.adapters.blocking.run`, as a coroutine;
@@ -214,11 +187,9 @@ async def run(
     Raises:
         LocalProtocolError: invalid arguments (a NUL byte, a bad URI...).
     """
-    start = _prepare(target, args, input=input, output=output,
-                     read_output=read_output or output is not None, env=env, noreply=noreply,
-                     connect_timeout=connect_timeout, timeout=timeout, base_dir=base_dir,
-                     lenient_reset=lenient_reset)
-    return await start()
+    if output is not None:
+        options["read_output"] = True
+    return await _prepare(target, args, input, output, options)()
 
 
 @dataclass(frozen=True)
@@ -295,19 +266,8 @@ class RunStream:
         await self._queue.put(result)
 
 
-def open_run(
-    target: Target | str,
-    args: Iterable[BytesLike] = (),
-    *,
-    input: Input = None,
-    env: EnvLike | None = None,
-    noreply: bool = False,
-    connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
-    timeout: float | None = None,
-    read_output: bool = True,
-    base_dir: str | None = None,
-    lenient_reset: bool = True,
-) -> RunStream:
+def open_run(target: Target | str, args: Iterable[BytesLike] = (), *, input: Input = None,
+             **options: Unpack[RunOptions]) -> RunStream:
     """Start a run whose output is streamed to an async iterator.
 
     Use it as ``async with open_run(target, ...) as stream:``.  The
@@ -322,10 +282,7 @@ def open_run(
 
     """
     stream = RunStream()
-    stream._start = _prepare(target, args, input=input, output=stream._put,
-                             read_output=read_output, env=env, noreply=noreply,
-                             connect_timeout=connect_timeout, timeout=timeout,
-                             base_dir=base_dir, lenient_reset=lenient_reset)
+    stream._start = _prepare(target, args, input, stream._put, options)
     return stream
 
 
@@ -347,7 +304,8 @@ class _Service:
                 # Take a slot before accepting: extra clients wait in the backlog.
                 await self.slots.acquire()
                 try:
-                    client = await drive(accept(self.listeners.sockets, self.config))
+                    client = await drive(accept(self.listeners.sockets, self.config),
+                                         _ANSWERS)
                 except BaseException:
                     self.slots.release()
                     raise
@@ -355,12 +313,13 @@ class _Service:
                 self._start(*client)
         finally:
             self.listeners.close()
-            await drive(wind_down(self.jobs, self.config), wait_jobs=self._wait_jobs)
+            await drive(wind_down(self.jobs, self.config),
+                        {**_ANSWERS, WaitJobs: self._wait_jobs})
 
     def _start(self, conn: Any, peer: str) -> None:
         job = Job(cancel=lambda: task.cancel())
         task = asyncio.ensure_future(
-            drive(serve_connection(conn, peer, self.config, job, self.jobs)))
+            drive(serve_connection(conn, peer, self.config, job, self.jobs), _ANSWERS))
         self.jobs.add(job)
         self.tasks.add(task)
 
@@ -375,10 +334,10 @@ class _Service:
 
         task.add_done_callback(finished)
 
-    async def _wait_jobs(self, timeout: float | None) -> bool:
+    async def _wait_jobs(self, request: WaitJobs) -> bool:
         if not self.tasks:
             return True
-        _, pending = await asyncio.wait(set(self.tasks), timeout=timeout)
+        _, pending = await asyncio.wait(set(self.tasks), timeout=request.timeout)
         return not pending
 
 

@@ -16,17 +16,17 @@ import queue
 import select
 import socket
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, BinaryIO, TypeVar
 
 from typing_extensions import Unpack
 
-from execproto import BytesLike, EnvLike, Target
+from execproto import BytesLike, Target
 
 from ._common import (
-    DEFAULT_CONNECT_TIMEOUT,
     Listener,
     Listeners,
+    RunOptions,
     RunResult,
     ServiceConfig,
     ServiceOptions,
@@ -39,9 +39,11 @@ from ._procedures import (
     NextInput,
     Offload,
     Procedure,
+    Turn,
     Wait,
     WaitJobs,
     accept,
+    drive,
     serve_connection,
     start_run,
     wind_down,
@@ -58,7 +60,7 @@ _READ = select.POLLIN
 _WRITE = select.POLLOUT
 
 
-def _wait(request: Wait) -> bool:
+async def _wait(request: Wait) -> bool:
     # poll, not select: descriptors may exceed FD_SETSIZE.
     poller = select.poll()
     for fd in request.read:
@@ -69,54 +71,32 @@ def _wait(request: Wait) -> bool:
     return bool(poller.poll(None if timeout is None else max(timeout, 0.0) * 1000))
 
 
-def drive(procedure: Procedure[T], *, chunks: Iterator[bytes] | None = None,
-          output: Callable[[bytes], object] | None = None,
-          wait_jobs: Callable[[float | None], bool] | None = None) -> T:
-    """Run *procedure* to its end in this thread; return what it returns.
-
-    An exception raised while waiting (``KeyboardInterrupt``, an error of
-    *chunks* or *output*) is thrown into the procedure, which cleans up.
-    """
-    answer: Any = None
-    error: BaseException | None = None
-    while True:
-        try:
-            request = procedure.throw(error) if error is not None else procedure.send(answer)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
-        answer = error = None
-        try:
-            kind = type(request)
-            if kind is Wait:
-                answer = _wait(request)  # type: ignore[arg-type]
-            elif kind is NextInput:
-                answer = next(chunks, None) if chunks is not None else None
-            elif kind is Deliver:
-                assert output is not None
-                output(request.data)  # type: ignore[union-attr]
-            elif kind is Offload:  # this thread may block
-                answer = request.fn(*request.args)  # type: ignore[union-attr]
-            elif kind is WaitJobs:
-                assert wait_jobs is not None
-                answer = wait_jobs(request.timeout)  # type: ignore[union-attr]
-        except BaseException as exc:  # thrown into the procedure
-            error = exc
+async def _call(request: Offload) -> Any:
+    return request.fn(*request.args)  # this thread may block
 
 
-def run(
-    target: Target | str,
-    args: Iterable[BytesLike] = (),
-    *,
-    input: Input = None,
-    env: EnvLike | None = None,
-    noreply: bool = False,
-    connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
-    timeout: float | None = None,
-    output: Callable[[bytes], object] | None = None,
-    read_output: bool = True,
-    base_dir: str | None = None,
-    lenient_reset: bool = True,
-) -> RunResult:
+async def _nothing(request: object) -> None:
+    return None
+
+
+_ANSWERS: dict[type, Callable[[Any], Awaitable[Any]]] = {
+    Wait: _wait, Offload: _call, Turn: _nothing}
+
+
+def _drive(procedure: Procedure[T],
+           answers: Mapping[type, Callable[[Any], Awaitable[Any]]] = _ANSWERS) -> T:
+    """Run *procedure* to its end in this thread: the shared driver never suspends here."""
+    coroutine = drive(procedure, answers)
+    try:
+        coroutine.send(None)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+    raise RuntimeError("a blocking answer suspended")  # pragma: no cover
+
+
+def run(target: Target | str, args: Iterable[BytesLike] = (), *, input: Input = None,
+        output: Callable[[bytes], object] | None = None,
+        **options: Unpack[RunOptions]) -> RunResult:
     """Run one script and wait for its result.
 
     Args:
@@ -125,17 +105,8 @@ def run(
         args: the script's arguments.
         input: the payload: bytes, a binary file, or an iterable of bytes
             (streamed; read while output is being received).
-        env: variables for the script.  Over unix/tcp the service keeps only
-            its allowlisted names; with fork they are the whole environment.
-        noreply: no result code (the status is SUCCESS if the exchange worked).
-        connect_timeout: seconds to connect (None: wait forever).
-        timeout: total seconds for the run after connecting (Dovecot's
-            "input idle timeout", which is a total limit: quirk Q16).
         output: called with each output chunk instead of collecting it.
-        read_output: with ``noreply``, False closes the connection after the
-            payload without reading anything (Dovecot's quota warnings do so).
-        base_dir: resolve a relative ``unix:`` path against it.
-        lenient_reset: a reset after a complete result code is the verdict.
+        options: :class:`RunOptions` (``env``, ``noreply``, ``timeout``...).
 
     Returns:
         A :class:`RunResult`; transport problems are INTERNAL_FAILURE results,
@@ -146,12 +117,20 @@ def run(
         LocalProtocolError: invalid arguments (a NUL byte, a bad URI...).
 
     """
-    procedure = start_run(target, args, env=env, noreply=noreply,
-                          connect_timeout=connect_timeout, timeout=timeout,
-                          read_output=read_output or output is not None,
-                          collect=output is None, has_input=input is not None,
-                          base_dir=base_dir, lenient_reset=lenient_reset)
-    return drive(procedure, chunks=input_chunks(input), output=output)
+    if output is not None:
+        options["read_output"] = True
+    procedure = start_run(target, args, options, collect=output is None,
+                          has_input=input is not None)
+    chunks = input_chunks(input)
+
+    async def next_input(request: NextInput) -> bytes | None:
+        return next(chunks, None)
+
+    async def deliver(request: Deliver) -> None:
+        assert output is not None
+        output(request.data)
+
+    return _drive(procedure, {**_ANSWERS, NextInput: next_input, Deliver: deliver})
 
 
 class Service:
@@ -216,14 +195,14 @@ class Service:
                 # Take a slot before accepting: extra clients wait in the backlog.
                 if not self._slots.acquire(timeout=0.1):
                     continue
-                client = drive(accept(self._listeners.sockets, self.config, self._wake_r))
+                client = _drive(accept(self._listeners.sockets, self.config, self._wake_r))
                 if client is None:
                     self._slots.release()
                     break
                 self._hand_over(client)
         finally:
             self._listeners.close()
-            drive(wind_down(self._jobs, self.config), wait_jobs=self._wait_jobs)
+            _drive(wind_down(self._jobs, self.config), {**_ANSWERS, WaitJobs: self._wait_jobs})
             with self._jobs.lock:
                 for _ in self._workers:
                     self._work.put(None)
@@ -239,9 +218,9 @@ class Service:
                     os.close(fd)
             self._wake_r = self._wake_w = -1
 
-    def _wait_jobs(self, timeout: float | None) -> bool:
+    async def _wait_jobs(self, request: WaitJobs) -> bool:
         with self._done:
-            return self._done.wait_for(lambda: not len(self._jobs), timeout)
+            return self._done.wait_for(lambda: not len(self._jobs), request.timeout)
 
     def _hand_over(self, client: tuple[socket.socket, str]) -> None:
         # To an idle worker; a new one only when none is idle: a thread
@@ -283,7 +262,7 @@ class Service:
         job = Job(cancel=lambda: conn.shutdown(socket.SHUT_RDWR))
         self._jobs.add(job)
         try:
-            drive(serve_connection(conn, peer, self.config, job, self._jobs))
+            _drive(serve_connection(conn, peer, self.config, job, self._jobs))
         finally:
             with self._done:
                 self._jobs.discard(job)

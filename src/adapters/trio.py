@@ -37,13 +37,13 @@ from typing import Any, BinaryIO, TypeVar
 import trio  # type: ignore[import-untyped,unused-ignore]
 from typing_extensions import Unpack
 
-from execproto import BytesLike, EnvLike, Target
+from execproto import BytesLike, Target
 
 from ._common import (
     CHUNK,
-    DEFAULT_CONNECT_TIMEOUT,
     Listener,
     Listeners,
+    RunOptions,
     RunResult,
     ServiceConfig,
     ServiceOptions,
@@ -56,11 +56,11 @@ from ._procedures import (
     Jobs,
     NextInput,
     Offload,
-    Procedure,
     Turn,
     Wait,
     WaitJobs,
     accept,
+    drive,
     serve_connection,
     start_run,
     wind_down,
@@ -132,76 +132,42 @@ async def _chunks(data: Input) -> AsyncIterator[bytes]:
             yield chunk
 
 
-async def drive(procedure: Procedure[T], *, chunks: AsyncIterator[bytes] | None = None,
-                output: OutputCallback | None = None,
-                wait_jobs: Callable[[float | None], Awaitable[bool]] | None = None) -> T:
-    """Run *procedure* to its end in this task; return what it returns.
-
-    A cancellation, or an error of *chunks* or *output*, is thrown into the
-    procedure, which cleans up and lets it propagate.
-    """
-    answer: Any = None
-    error: BaseException | None = None
-    while True:
-        try:
-            request = procedure.throw(error) if error is not None else procedure.send(answer)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
-        answer = error = None
-        try:
-            kind = type(request)
-            if kind is Wait:
-                answer = await _wait(request)  # type: ignore[arg-type]
-            elif kind is NextInput:
-                if chunks is not None:
-                    answer = await _within(anext(chunks, None), request.timeout)  # type: ignore[union-attr]
-            elif kind is Deliver:
-                assert output is not None
-                returned = output(request.data)  # type: ignore[union-attr]
-                if inspect.isawaitable(returned):
-                    await _within(returned, request.timeout)  # type: ignore[union-attr]
-            elif kind is Offload:
-                call = trio.to_thread.run_sync(request.fn, *request.args,  # type: ignore[union-attr]
-                                               abandon_on_cancel=request.abandon)  # type: ignore[union-attr]
-                answer = await (_within(call, request.timeout)  # type: ignore[union-attr]
-                                if request.abandon else call)  # type: ignore[union-attr]
-            elif kind is Turn:
-                await trio.lowlevel.checkpoint()
-            elif kind is WaitJobs:
-                assert wait_jobs is not None
-                answer = await wait_jobs(request.timeout)  # type: ignore[union-attr]
-        except BaseException as exc:  # thrown into the procedure
-            error = exc
+async def _offload(request: Offload) -> Any:
+    call = trio.to_thread.run_sync(request.fn, *request.args, abandon_on_cancel=request.abandon)
+    return await (_within(call, request.timeout) if request.abandon else call)
 
 
-def _prepare(target: Target | str, args: Iterable[BytesLike], *, input: Input,
-             collect: bool, read_output: bool,
-             **settings: Any) -> Callable[[OutputCallback | None], Awaitable[RunResult]]:
+async def _turn(request: Turn) -> None:
+    await trio.lowlevel.checkpoint()
+
+
+_ANSWERS: dict[type, Callable[[Any], Awaitable[Any]]] = {
+    Wait: _wait, Offload: _offload, Turn: _turn}
+
+
+def _prepare(target: Target | str, args: Iterable[BytesLike], input: Input, collect: bool,
+             options: RunOptions) -> Callable[[OutputCallback | None], Awaitable[RunResult]]:
     """Check the arguments now; return what performs the run, given where output goes."""
-    procedure = start_run(target, args, read_output=read_output, collect=collect,
-                          has_input=input is not None, **settings)
+    procedure = start_run(target, args, options, collect=collect, has_input=input is not None)
 
     async def start(output: OutputCallback | None) -> RunResult:
+        async def next_input(request: NextInput) -> bytes | None:
+            return await _within(anext(chunks, None), request.timeout)
+
+        async def deliver(request: Deliver) -> None:
+            assert output is not None
+            returned = output(request.data)
+            if inspect.isawaitable(returned):
+                await _within(returned, request.timeout)
+
         async with contextlib.aclosing(_chunks(input)) as chunks:  # type: ignore[type-var]
-            return await drive(procedure, chunks=chunks, output=output)
+            return await drive(procedure, {**_ANSWERS, NextInput: next_input, Deliver: deliver})
 
     return start
 
 
-async def run(
-    target: Target | str,
-    args: Iterable[BytesLike] = (),
-    *,
-    input: Input = None,
-    env: EnvLike | None = None,
-    noreply: bool = False,
-    connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
-    timeout: float | None = None,  # noqa: ASYNC109 (the same parameters in every flavour)
-    output: OutputCallback | None = None,
-    read_output: bool = True,
-    base_dir: str | None = None,
-    lenient_reset: bool = True,
-) -> RunResult:
+async def run(target: Target | str, args: Iterable[BytesLike] = (), *, input: Input = None,
+              output: OutputCallback | None = None, **options: Unpack[RunOptions]) -> RunResult:
     """Run one script and wait for its result.
 
     The same as :func:`execproto.adapters.blocking.run`, as a coroutine;
@@ -213,11 +179,9 @@ async def run(
     Raises:
         LocalProtocolError: invalid arguments (a NUL byte, a bad URI...).
     """
-    start = _prepare(target, args, input=input, collect=output is None,
-                     read_output=read_output or output is not None, env=env, noreply=noreply,
-                     connect_timeout=connect_timeout, timeout=timeout, base_dir=base_dir,
-                     lenient_reset=lenient_reset)
-    return await start(output)
+    if output is not None:
+        options["read_output"] = True
+    return await _prepare(target, args, input, output is None, options)(output)
 
 
 def _sole_cancelled(exc: BaseException) -> trio.Cancelled | None:
@@ -288,19 +252,9 @@ class RunStream:
 
 
 @contextlib.asynccontextmanager
-async def open_run(
-    target: Target | str,
-    args: Iterable[BytesLike] = (),
-    *,
-    input: Input = None,
-    env: EnvLike | None = None,
-    noreply: bool = False,
-    connect_timeout: float | None = DEFAULT_CONNECT_TIMEOUT,
-    timeout: float | None = None,  # noqa: ASYNC109 (the same parameters in every flavour)
-    read_output: bool = True,
-    base_dir: str | None = None,
-    lenient_reset: bool = True,
-) -> AsyncIterator[RunStream]:
+async def open_run(target: Target | str, args: Iterable[BytesLike] = (), *,
+                   input: Input = None,
+                   **options: Unpack[RunOptions]) -> AsyncIterator[RunStream]:
     """Start a run and stream its output chunk by chunk.
 
     Use it as ``async with open_run(target, args) as chunks:`` and iterate
@@ -315,9 +269,7 @@ async def open_run(
         LocalProtocolError: invalid arguments, on entry.
 
     """
-    start = _prepare(target, args, input=input, collect=False, read_output=read_output,
-                     env=env, noreply=noreply, connect_timeout=connect_timeout,
-                     timeout=timeout, base_dir=base_dir, lenient_reset=lenient_reset)
+    start = _prepare(target, args, input, False, options)
     send, receive = trio.open_memory_channel[bytes](0)
     stream = RunStream(receive)
     body_error: BaseException | None = None
@@ -358,7 +310,8 @@ class _Service:
                         # Take a slot before accepting: extra clients wait in the backlog.
                         await self.slots.acquire()
                         try:
-                            client = await drive(accept(self.listeners.sockets, self.config))
+                            client = await drive(
+                                accept(self.listeners.sockets, self.config), _ANSWERS)
                         except BaseException:
                             self.slots.release()
                             raise
@@ -369,7 +322,8 @@ class _Service:
                         trio.lowlevel.notify_closing(sock)
                     self.listeners.close()
                     with trio.CancelScope(shield=True):
-                        await drive(wind_down(self.jobs, self.config), wait_jobs=self._wait_jobs)
+                        await drive(wind_down(self.jobs, self.config),
+                                    {**_ANSWERS, WaitJobs: self._wait_jobs})
         finally:
             self.listeners.close()
 
@@ -382,7 +336,8 @@ class _Service:
             if self.idle.is_set():
                 self.idle = trio.Event()
             try:
-                await drive(serve_connection(conn, peer, self.config, job, self.jobs))
+                await drive(serve_connection(conn, peer, self.config, job, self.jobs),
+                            _ANSWERS)
             finally:
                 self.jobs.discard(job)
                 if not len(self.jobs):
@@ -390,8 +345,9 @@ class _Service:
                 conn.close()
                 self.slots.release()
 
-    async def _wait_jobs(self, seconds: float | None) -> bool:
-        with trio.move_on_after(float("inf") if seconds is None else seconds):
+    async def _wait_jobs(self, request: WaitJobs) -> bool:
+        timeout = request.timeout
+        with trio.move_on_after(float("inf") if timeout is None else timeout):
             await self.idle.wait()
             return True
         return False
