@@ -18,7 +18,7 @@ import os
 import signal
 import socket
 import stat
-import tempfile
+import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
@@ -444,8 +444,8 @@ class UnixListener:
     Fields:
         path: the socket path.  A stale socket file (nothing accepting on it)
             is replaced; a live one is an error.
-        mode: permissions of the socket file, applied before it becomes
-            visible under *path* (no window with a wider mode).
+        mode: permissions of the socket file.  It is never wider than this,
+            not even for an instant (see :func:`bind_listener`).
     """
 
     path: str
@@ -499,7 +499,7 @@ class SocketFile:
 
     Fields:
         path: where it is.
-        ident: ``(st_dev, st_ino)`` right after it was created.
+        ident: ``(st_dev, st_ino)`` right after it was bound.
     """
 
     path: str
@@ -523,8 +523,53 @@ class SocketFile:
             log.warning("cannot remove socket file %s: %s", self.path, exc.strerror)
 
 
+#: Serializes the umask dance of concurrent bind_listener() calls: one
+#: restoring the umask another had only narrowed would keep it narrowed.
+_UMASK_LOCK = threading.Lock()
+
+
+def _bind_umask(mode: int, old_umask: int) -> int:
+    """The umask to bind a unix socket under: *old_umask* plus every bit *mode* lacks.
+
+    bind() creates the file with ``0o777 & ~umask``, so the result is at most
+    *mode*; and since the old bits stay set, a file another thread creates
+    meanwhile only gets a stricter mode, never a wider one.
+    """
+    return (old_umask | ~mode) & 0o777
+
+
+def _set_socket_mode(created: SocketFile, mode: int) -> None:
+    """Give the socket file *created* exactly *mode*; never touch anything in its place.
+
+    The file is opened with ``O_PATH | O_NOFOLLOW`` and checked to be that
+    very socket, then changed through ``/proc/self/fd`` (what glibc's
+    ``fchmodat(AT_SYMLINK_NOFOLLOW)`` does): someone who can write to the
+    directory cannot make a privileged service chmod a symlink's target.
+    """
+    fd = os.open(created.path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISSOCK(st.st_mode) or (st.st_dev, st.st_ino) != created.ident:
+            raise OSError(errno.EEXIST, f"{created.path} was replaced while being created")
+        if stat.S_IMODE(st.st_mode) != mode:
+            os.chmod(f"/proc/self/fd/{fd}", mode)
+    finally:
+        os.close(fd)
+
+
 def bind_listener(spec: Listener, backlog: int = 128) -> tuple[socket.socket, SocketFile | None]:
     """Create the listening socket for *spec*.
+
+    A unix socket is bound at its own path, so ``ss -xlp`` and
+    ``/proc/net/unix`` show that path (Linux records the name given to
+    bind()).  Its mode is never wider than ``spec.mode``, at no instant:
+    bind() runs under a umask made stricter by every bit the mode lacks
+    (:func:`_bind_umask`), then the file gets exactly ``spec.mode``.  Like
+    Dovecot's master, this sets the umask around bind(); the umask is
+    process-wide, so for the duration of that one call files other threads
+    create get a stricter mode than usual (never a wider one).  A stale
+    socket file is replaced; between bind() and listen() the new socket
+    refuses connections for a moment, as Dovecot's do.
 
     Returns:
         ``(sock, socket_file)``: the unix socket file this call created (to
@@ -565,26 +610,28 @@ def bind_listener(spec: Listener, backlog: int = 128) -> tuple[socket.socket, So
         if _unix_alive(path):
             raise OSError(errno.EADDRINUSE, f"{path}: a service is already listening there")
         os.unlink(path)
-    # Bind in a private directory, fix the mode, then rename into place:
-    # the socket is never reachable with a wider mode than requested.
-    parent = os.path.dirname(os.path.abspath(path))
-    private = tempfile.mkdtemp(prefix=".execproto-", dir=parent)
-    tmp_path = os.path.join(private, "s")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    created: SocketFile | None = None
     try:
-        sock.bind(tmp_path)
-        os.chmod(tmp_path, spec.mode)
-        sock.listen(backlog)
-        os.rename(tmp_path, path)
+        with _UMASK_LOCK:
+            old_umask = os.umask(0o777)  # reading the umask sets it: to the strictest
+            try:
+                os.umask(_bind_umask(spec.mode, old_umask))
+                sock.bind(path)
+            finally:
+                os.umask(old_umask)
         st = os.lstat(path)
+        if not stat.S_ISSOCK(st.st_mode):
+            raise OSError(errno.EEXIST, f"{path} was replaced while being created")
+        created = SocketFile(path, (st.st_dev, st.st_ino))
+        sock.listen(backlog)
+        _set_socket_mode(created, spec.mode)
     except BaseException:
         sock.close()
+        if created is not None:
+            created.remove()
         raise
-    finally:
-        if os.path.lexists(tmp_path):
-            os.unlink(tmp_path)
-        os.rmdir(private)
-    return sock, SocketFile(path, (st.st_dev, st.st_ino))
+    return sock, created
 
 
 class Listeners:
@@ -625,13 +672,17 @@ class Listeners:
         return [address for _, address in self.sockets]
 
     def close(self) -> None:
-        """Close the sockets and remove the unix socket files still ours (idempotent)."""
-        for sock, _ in self.sockets:
-            sock.close()
-        self.sockets.clear()
+        """Remove the unix socket files still ours, then close the sockets (idempotent).
+
+        In this order: once a socket is closed its inode number may be reused
+        by a service that replaces the file, whose socket must survive.
+        """
         for socket_file in self._files:
             socket_file.remove()
         self._files.clear()
+        for sock, _ in self.sockets:
+            sock.close()
+        self.sockets.clear()
 
 
 class ServiceOptions(TypedDict, total=False):

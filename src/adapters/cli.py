@@ -497,7 +497,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="directory for relative unix socket paths (config default: "
                           f"base_dir or {DEFAULT_BASE_DIR})")
     run.add_argument("--noreply", action="store_true",
-                     help="ask the service for no result code; success once sent")
+                     help="ask the service for no result code (as quota warnings do): the "
+                          "script's exit status is not reported; exit 0 once the request is "
+                          "sent and the output, if any, is read (over tcp output must be "
+                          "dot-framed; none at all is fine)")
     run.add_argument("--env", action="append", metavar="NAME=VALUE",
                      help="environment entry for the script (repeatable; the service keeps "
                           "only its -e names)")

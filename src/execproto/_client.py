@@ -25,6 +25,16 @@ States::
     (reading is allowed in SENDING and SENT)
     a Result is produced at EOF, or at EndOfInput when the reply is not read
 
+noreply (PROTOCOL.md 4.3): the service sends no result code and never
+dot-encodes; the script's stdout is the socket.  When the reply is read, a
+reply that ends before its first byte, once the whole request was sent, is
+a script that printed nothing: SUCCESS with no output, over unix and tcp
+alike.  (Dovecot's tcp client fails it with "dot-input stream ends without
+'.' line".)  A reset instead of EOF, e.g. from a script that left the
+always-sent dot end line unread, counts so only under ``lenient_reset``.
+Output that has begun must still end with a dot line over tcp: a
+truncated stream is never taken as complete.
+
 Timeouts, connecting, retries and error mapping belong to the adapter; it
 reports transport failures with its own :class:`Result`.
 """
@@ -75,11 +85,16 @@ class ClientConnection:
         read_output: the caller wants the script's output.  With ``noreply``
             and no output wanted the reply is not read at all: the socket is
             closed after the payload and the run succeeds at once (as Dovecot).
+            With ``noreply`` and output wanted, the reply is read to EOF: an
+            empty one is no output and SUCCESS (unix and tcp alike), a
+            non-empty one is output (tcp: dot-decoded, so it must end with
+            a dot line).
         empty_args: how to send an empty argument: ``"soh"`` or ``"reject"``.
         stuff_bare_cr_dot: see :class:`DotEncoder`.
         lenient_reset: a connection reset after a complete result code is
-            the script's verdict (default).  False reports it as an I/O error
-            like Dovecot (quirk Q8).
+            the script's verdict (default); with ``noreply``, a reset before
+            any output is a script that printed nothing.  False reports both
+            as an I/O error like Dovecot (quirk Q8).
         result_code: parse a result code (True, the default).  False is the
             fork driver's mode: the whole stream is output and the adapter
             decides the status from the exit code.
@@ -109,6 +124,7 @@ class ClientConnection:
         self.state = ClientState.IDLE
         self._ready: deque[bytes] = deque()  # output not yet returned by next_event
         self._eof = False
+        self._received = False  # any reply byte arrived
         self._reset = False
         self._send_error: str | None = None
         self._result: Result | None = None
@@ -168,6 +184,7 @@ class ClientConnection:
         if not data:
             self._eof = True
             return
+        self._received = True
         # Filter at once: next_event() then only hands out what is ready.
         if self._filter is not None:
             data = self._filter.feed(data)
@@ -231,6 +248,11 @@ class ClientConnection:
         return self._at_eof()
 
     def _at_eof(self) -> Output | Result:
+        if self._noreply and not self._received and self.state is ClientState.SENT:
+            # The request went and the script printed nothing: there is no
+            # dot stream to check (tcp) and no output a reset could cut.
+            self._result = self._empty_noreply_result()
+            return self._finish(self._result)
         status = Status.SUCCESS
         problems: list[str] = []
         tail = b""
@@ -262,6 +284,13 @@ class ClientConnection:
         if tail:
             return Output(tail)
         return self._finish(result)
+
+    def _empty_noreply_result(self) -> Result:
+        if self._send_error is not None:  # the request did not all go
+            return Result(Status.INTERNAL_FAILURE, ErrorKind.IO, self._send_error)
+        if self._reset and not self._lenient_reset:
+            return Result(Status.INTERNAL_FAILURE, ErrorKind.IO, "connection reset by peer")
+        return Result(Status.SUCCESS)
 
     def _finish(self, result: Result) -> Result:
         self.state = ClientState.DONE

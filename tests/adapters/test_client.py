@@ -148,6 +148,31 @@ def test_noreply_without_output(flavour: Flavour, driver: str, tmp_path: Path) -
         assert elapsed < 2.0
 
 
+
+@SOCKET_DRIVERS
+@pytest.mark.parametrize("noreply", [False, True], ids=["reply", "noreply"])
+@pytest.mark.parametrize("prints", [False, True], ids=["silent", "prints"])
+def test_silent_or_printing_script(flavour: Flavour, driver: str, tmp_path: Path,
+                                   noreply: bool, prints: bool) -> None:
+    """A script that prints nothing: with noreply, SUCCESS over unix and tcp alike.
+
+    With noreply nothing dot-encodes what the script writes, so a silent
+    script sends zero bytes: no output, not a missing dot line (4.3).  With
+    a result code, tcp keeps Dovecot's rule: the script must frame even
+    empty output (a bare ``+\\n`` has no dot line).
+    """
+    script_out = {"unix": "hello\\n", "tcp": "hello\\r\\n.\\r\\n"}[driver] if prints else ""
+    script = sh_script(tmp_path, "script", f"/bin/cat >/dev/null\nprintf '{script_out}'\n")
+    with endpoint(flavour, driver, tmp_path, script) as target:
+        result = flavour.run(target, ["a"], noreply=noreply)
+    output = {"unix": b"hello\n", "tcp": b"hello"}[driver] if prints else b""
+    if driver == "tcp" and not prints and not noreply:
+        assert_result(result, Status.INTERNAL_FAILURE, ErrorKind.PROTOCOL,
+                      "dot-input stream ends without '.' line", output=b"")
+    else:
+        assert_result(result, Status.SUCCESS, output=output, target=target)
+
+
 # --- input and output --------------------------------------------------------
 
 

@@ -283,6 +283,70 @@ def test_noreply_with_output_tcp_decodes() -> None:
     assert result.detail == "dot-input stream ends without '.' line"
 
 
+
+# --- noreply and a script that prints nothing (unix and tcp agree) ---------------------------
+
+
+@pytest.mark.parametrize("dot", [False, True], ids=["unix", "tcp"])
+def test_noreply_empty_reply_is_no_output(dot: bool) -> None:
+    # The service never dot-encodes: a silent script sends zero bytes, not b".\r\n".
+    assert reply_every_chunking(b"", request=Request(noreply=True), dot=dot) == (b"", OK)
+
+
+def test_noreply_tcp_output_still_needs_the_dot_line() -> None:
+    # Only an empty reply is exempt: output that has begun may be truncated.
+    output, result = reply_every_chunking(b"x", request=Request(noreply=True), dot=True)
+    assert output == b"x"
+    assert (result.status, result.kind) == (Status.INTERNAL_FAILURE, ErrorKind.PROTOCOL)
+    assert result.detail == "dot-input stream ends without '.' line"
+    assert reply_every_chunking(b".\r\n", request=Request(noreply=True), dot=True) == (b"", OK)
+
+
+def test_reply_mode_tcp_empty_output_still_needs_the_dot_line() -> None:
+    # The exemption is noreply's: with a result code Dovecot's framing rules stay.
+    output, result = reply_every_chunking(b"+\n", dot=True)
+    assert output == b""
+    assert (result.status, result.kind) == (Status.INTERNAL_FAILURE, ErrorKind.PROTOCOL)
+
+
+def noreply_reset_run(*, dot: bool, lenient_reset: bool, ended: bool = True) -> Result:
+    """A noreply run reading output, reset before any byte arrived."""
+    conn = ClientConnection(dot=dot, lenient_reset=lenient_reset)
+    conn.send(Request(noreply=True))
+    if ended:
+        conn.send(EndOfInput())
+    conn.receive_reset()
+    (result,) = get_client_events(conn, [])
+    assert isinstance(result, Result)
+    return result
+
+
+@pytest.mark.parametrize("dot", [False, True], ids=["unix", "tcp"])
+def test_noreply_reset_before_any_output(dot: bool) -> None:
+    # A script that left its payload (over tcp at least the dot end line)
+    # unread: its close is a reset.  Dovecot reports an I/O error.
+    assert noreply_reset_run(dot=dot, lenient_reset=True) == OK
+    assert noreply_reset_run(dot=dot, lenient_reset=False) == RESET
+
+
+@pytest.mark.parametrize("dot", [False, True], ids=["unix", "tcp"])
+@pytest.mark.parametrize("lenient_reset", [False, True])
+def test_noreply_reset_while_sending_is_an_error(dot: bool, lenient_reset: bool) -> None:
+    # Success needs the whole request sent.
+    assert noreply_reset_run(dot=dot, lenient_reset=lenient_reset, ended=False) == RESET
+
+
+@pytest.mark.parametrize("dot", [False, True], ids=["unix", "tcp"])
+def test_noreply_send_failed_before_any_output(dot: bool) -> None:
+    conn = ClientConnection(dot=dot)
+    conn.send(Request(noreply=True))
+    conn.send_failed("write(x) failed: Broken pipe")
+    conn.receive_data(b"")
+    assert get_client_events(conn, []) == [
+        Result(Status.INTERNAL_FAILURE, ErrorKind.IO, "write(x) failed: Broken pipe")
+    ]
+
+
 # --- tcp replies (CV-30) ----------------------------------------------------------------------
 
 

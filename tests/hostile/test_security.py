@@ -191,7 +191,7 @@ def test_cli_launcher_fds_do_not_reach_the_script(flavour_name: str, tmp_path: P
         os.close(stray_w)
     try:
         deadline = time.monotonic() + 15.0
-        while not sock.exists():
+        while not _accepting(sock):
             assert proc.poll() is None, proc.communicate(timeout=5)[0].decode()
             assert time.monotonic() < deadline, "the service did not start"
             time.sleep(0.05)
@@ -311,30 +311,41 @@ class _ModeWatcher(threading.Thread):
             self.scans += 1
 
 
-def test_unix_socket_never_wider_than_its_mode(flavour_name: str, tmp_path: Path) -> None:
-    """With umask 0 a plain bind would make a 0777 socket: it must never be visible so."""
+@pytest.mark.parametrize(("process_umask", "mode"), [(0, 0o640), (0o027, 0o666)],
+                         ids=["umask-0", "umask-027"])
+def test_unix_socket_never_wider_than_its_mode(flavour_name: str, tmp_path: Path,
+                                               process_umask: int, mode: int) -> None:
+    """Never wider than its mode, at its real path only.
+
+    With umask 0 a plain bind would make a 0777 socket.  With umask 027 the
+    bind gives 0640 and a chmod must add bits: the watcher may see 0640
+    first, never anything outside 0666.
+    """
     directory = tmp_path / "run"
     directory.mkdir(mode=0o755)
     path = directory / "sock"
     watcher = _ModeWatcher(directory)
-    old_umask = os.umask(0)
+    old_umask = os.umask(process_umask)
     watcher.start()
     try:
-        with get_flavour(flavour_name).serving([UnixListener(str(path), 0o640)],
-                                               "/bin/true"):
+        with get_flavour(flavour_name).serving([UnixListener(str(path), mode)], "/bin/true"):
             final = stat.S_IMODE(os.stat(path).st_mode)
             time.sleep(0.05)
     finally:
         os.umask(old_umask)
         watcher.stop.set()
         watcher.join(5.0)
-    assert final == 0o640, oct(final)
+    assert final == mode, oct(final)
     assert watcher.scans > 0
-    for seen_path, mode, directory_mode in watcher.seen:
-        if seen_path == str(path):
-            assert mode == 0o640, f"{seen_path} seen with mode {mode:o}"
-        else:  # being prepared: only in a directory nobody else can enter
-            assert directory_mode & 0o077 == 0, (seen_path, oct(mode), oct(directory_mode))
+    for seen_path, seen_mode, _ in watcher.seen:
+        assert seen_path == str(path), f"a socket under another name: {seen_path}"
+        assert seen_mode & ~mode == 0, f"{seen_path} seen with mode {seen_mode:o}"
+
+
+def _accepting(path: Path) -> bool:
+    """Whether a service accepts connections on *path* (the file appears at bind())."""
+    with socket.socket(socket.AF_UNIX) as probe:
+        return probe.connect_ex(str(path)) == 0
 
 
 def _start_fails(flavour_name: str, path: Path) -> BaseException:
@@ -410,11 +421,12 @@ def test_cli_user_nobody_runs_scripts_as_nobody(flavour_name: str) -> None:
         command = [sys.executable, "-m", "execproto", "serve", "--adapter", flavour_name,
                    "--user", "nobody", "--unix", str(sock), "--mode", "0666",
                    "--grace", "1", script]
+        # Under umask 022 bind() gives 0644: 0666 means the final chmod, after listen().
         proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT)
+                                stderr=subprocess.STDOUT, umask=0o022)
         try:
             deadline = time.monotonic() + 15.0
-            while not sock.exists():
+            while not (sock.exists() and stat.S_IMODE(sock.stat().st_mode) == 0o666):
                 assert proc.poll() is None, proc.communicate(timeout=5)[0].decode()
                 assert time.monotonic() < deadline, "the service did not start"
                 time.sleep(0.05)

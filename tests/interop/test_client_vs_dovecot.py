@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,7 +29,15 @@ import pytest
 from execproto import ErrorKind, Status
 
 from .dovecot import PrivateDovecot, ScriptService, StartDovecot
-from .tools import dot_transform, read_records, run_client, wait_records, write_probe
+from .tools import (
+    RUN_LIMIT,
+    cli,
+    dot_transform,
+    read_records,
+    run_client,
+    wait_records,
+    write_probe,
+)
 
 TRANSPORTS = ("unix", "tcp")
 ALLOWLIST = ("FOO", "BAR", "TABBY")
@@ -185,6 +194,114 @@ def test_noreply(setup: Setup, flavour: str, transport: str, read_output: bool) 
     assert record["argv"] == [*setup.prefix(transport), "record", "x y"]
     want = payload if transport == "unix" else dot_transform(payload)
     assert record["stdin"] == want.decode("latin-1")
+
+
+
+# --- noreply and a script that prints nothing ----------------------------------------
+#
+# With noreply Dovecot's service execs the script with the connection as its
+# stdin and stdout and adds nothing: no result code, no dot framing. A script
+# that prints nothing therefore sends zero bytes, over tcp too. Dovecot's own
+# tcp client, when it reads output, runs them through its dot decoder and
+# fails ("dot-input stream ends without '.' line"); its noreply users (quota
+# warnings, welcome) never read, so they never meet this. execproto takes an
+# empty noreply reply as no output, so unix and tcp agree.
+
+
+def raw_noreply_exchange(setup: Setup, transport: str, action: str) -> tuple[bytes, str]:
+    """What Dovecot's service sends back to a noreply request without payload.
+
+    Over tcp the (empty) payload is still dot-encoded, as every client does.
+    """
+    if transport == "unix":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        address: Any = str(setup.dovecot.socket_path("raw"))
+        payload = b""
+    else:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        address = ("127.0.0.1", setup.dovecot.port("dot"))
+        payload = b"\r\n.\r\n"
+    with sock:
+        sock.settimeout(RUN_LIMIT)
+        sock.connect(address)
+        sock.sendall(b"VERSION\tscript\t4\t0\nnoreply\n" + action.encode() + b"\n\n" + payload)
+        sock.shutdown(socket.SHUT_WR)
+        reply = b""
+        try:
+            while chunk := sock.recv(65536):
+                reply += chunk
+        except ConnectionResetError:
+            return reply, "reset"
+        return reply, "eof"
+
+
+@pytest.mark.parametrize(
+    ("transport", "action", "end"),
+    [
+        ("unix", "silent", "eof"),
+        ("tcp", "silent", "eof"),
+        ("unix", "gone", "eof"),  # no payload: nothing left unread
+        ("tcp", "gone", "reset"),  # the dot end line is left unread
+    ],
+)
+def test_noreply_service_sends_nothing_for_a_silent_script(
+    setup: Setup, transport: str, action: str, end: str
+) -> None:
+    records = setup.record_dir(transport)
+
+    assert raw_noreply_exchange(setup, transport, action) == (b"", end)
+    wait_records(records)
+
+
+@pytest.mark.parametrize("noreply", [True, False], ids=["noreply", "reply"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_silent_script(setup: Setup, flavour: str, transport: str, noreply: bool) -> None:
+    records = setup.record_dir(transport)
+
+    result = run_client(flavour, setup.target(transport), ["silent"], noreply=noreply)
+
+    if transport == "tcp" and not noreply:
+        # The reply is a bare b"+\n": no dot line, as Dovecot's client also finds.
+        assert (result.status, result.kind, result.detail) == (
+            Status.INTERNAL_FAILURE, ErrorKind.PROTOCOL, "dot-input stream ends without '.' line")
+    else:
+        assert (result.status, result.kind, result.detail) == (Status.SUCCESS, ErrorKind.NONE, "")
+    assert result.output == b""
+    wait_records(records)
+
+
+@pytest.mark.parametrize("lenient", [True, False], ids=["lenient", "strict"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_noreply_silent_script_leaving_payload_unread(
+    setup: Setup, flavour: str, transport: str, lenient: bool
+) -> None:
+    # The common quota-warning script: reads nothing, prints nothing.
+    records = setup.record_dir(transport)
+
+    result = run_client(flavour, setup.target(transport), ["gone"], noreply=True,
+                        lenient_reset=lenient)
+
+    if transport == "tcp" and not lenient:  # a reset, reported like Dovecot
+        assert (result.status, result.kind, result.detail) == (
+            Status.INTERNAL_FAILURE, ErrorKind.IO, "connection reset by peer")
+    else:
+        assert (result.status, result.kind, result.detail) == (Status.SUCCESS, ErrorKind.NONE, "")
+    assert result.output == b""
+    wait_records(records)
+
+
+@pytest.mark.parametrize("action", ["silent", "gone", "record"])
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_cli_run_noreply_no_input(setup: Setup, flavour: str, transport: str,
+                                  action: str) -> None:
+    records = setup.record_dir(transport)
+
+    done = cli("run", "--adapter", flavour, "--noreply", "--no-input", "--connect-timeout",
+               "10", "--timeout", "20", setup.target(transport), action)
+
+    output = output_of(transport, b"recorded\n") if action == "record" else b""
+    assert (done.returncode, done.stdout, done.stderr) == (0, output, b"")
+    wait_records(records)
 
 
 # --- a script that exits without reading its payload ---------------------------------

@@ -307,11 +307,13 @@ FRAMING is "raw" (unix), "dot" (tcp: stdin is decoded, output encoded) or
 "auto" (dot when stdin is a TCP socket).
 Writes RECORD_DIR/ACTION-PID.json (argv, env, and stdin: its SHA-256, and
 the text as latin-1 when shorter than 64 KiB), then answers. ACTION "early"
-answers "early" and exits 0 without reading stdin (the record has no stdin);
-the others read stdin to EOF first and answer: "echo" the payload, "fail" a
+answers "early" and exits 0 without reading stdin (the record has no stdin),
+"gone" does the same but writes nothing at all (not even a dot line); the
+others read stdin to EOF first and answer: "echo" the payload, "fail" a
 line and exit 3, "filter" the payload after an "X-Filtered: ARGS" header
-line, "exec" a TAB-separated word pair, anything else "recorded". Write
-errors (a client that does not read) are ignored.
+line, "exec" a TAB-separated word pair, "silent" nothing at all (not even a
+dot line), anything else "recorded". Write errors (a client that does not
+read) are ignored.
 """
 import hashlib
 import json
@@ -358,8 +360,9 @@ def write_record(data):
     os.replace(path + ".tmp", path)
 
 
-if action == "early":
-    send(b"early\\n")
+if action in ("early", "gone"):
+    if action == "early":
+        send(b"early\\n")
     write_record(None)
     sys.exit(0)
 received = bytearray()
@@ -377,6 +380,8 @@ elif action == "exec":
     send(b"exec\\toutput")
 elif action == "filter":
     send(b"X-Filtered: " + " ".join(sys.argv[4:]).encode() + b"\\r\\n" + data)
+elif action == "silent":
+    pass
 elif action == "fail":
     send(b"failing\\n")
     sys.exit(3)
