@@ -17,6 +17,7 @@ cancellation skips the waiting.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures.thread  # noqa: F401 (see below)
 import inspect
 from collections.abc import (
     AsyncIterable,
@@ -72,6 +73,9 @@ OutputCallback = Callable[[bytes], object]
 #: A bound address: a unix socket path or ``(host, port)``.
 Address = str | tuple[str, int]
 T = TypeVar("T")
+# The default executor's module is imported lazily, by the first spawn off
+# the loop; after serve(user=...) dropped privileges that import can fail
+# (an interpreter under /root): it is imported above, with this module.
 
 
 def _wake(waiter: asyncio.Future[bool], value: bool) -> None:
