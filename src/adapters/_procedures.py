@@ -364,44 +364,38 @@ def exchange(sock: socket.socket, conn: ClientConnection, header: bytes, label: 
 
     try:
         while True:
+            # One chunk out, then whatever came in: a reply that completes
+            # while payload is still being sent is seen at once.
             blocked = False
-            while sending:
-                if not pending:
-                    if conn.state is ClientState.SENDING:
-                        chunk = yield NextInput(_left(deadline))
-                        pending = memoryview(conn.send(
-                            EndOfInput() if chunk is None else Data(data=chunk)))
-                        if monotonic() - since >= SLICE:  # many small chunks
-                            yield TURN
-                            since = monotonic()
-                        continue
-                    # All sent, or a write failed: the core knows which.
-                    sending = False
+            if sending:
+                if not pending and conn.state is ClientState.SENDING:
+                    chunk = yield NextInput(_left(deadline))
+                    pending = memoryview(conn.send(
+                        EndOfInput() if chunk is None else Data(data=chunk)))
+                if pending:
+                    try:
+                        pending = pending[sock.send(pending):]
+                    except BlockingIOError:
+                        blocked = True
+                    except OSError as exc:
+                        # The service stopped reading (the script ended early):
+                        # its result code may still arrive.
+                        conn.send_failed(f"write({label}) failed: {exc.strerror}")
+                        pending = memoryview(b"")
+                if not pending and conn.state is not ClientState.SENDING:
+                    sending = False  # all sent, or a write failed: the core knows which
                     if not reads:
                         result = conn.next_event()
                         assert isinstance(result, Result)
                         return RunResult.from_result(result, output=None, target=label)
                     with contextlib.suppress(OSError):
                         sock.shutdown(socket.SHUT_WR)
-                    break
-                try:
-                    pending = pending[sock.send(pending):]
-                except BlockingIOError:
-                    blocked = True
-                except OSError as exc:
-                    # The service stopped reading (the script ended early): its
-                    # result code may still arrive.
-                    conn.send_failed(f"write({label}) failed: {exc.strerror}")
-                    pending = memoryview(b"")
-                    continue
-                if blocked:
-                    break
-            waiting_read = not reads  # without a reply to read, only the send waits
+            quiet = True
             if reads:
                 try:
                     data: bytes | None = sock.recv(CHUNK)
                 except BlockingIOError:
-                    data, waiting_read = None, True
+                    data = None
                 except ConnectionResetError:
                     conn.receive_reset()
                     data = None
@@ -409,6 +403,7 @@ def exchange(sock: socket.socket, conn: ClientConnection, header: bytes, label: 
                     return fail(ErrorKind.IO, f"read({label}) failed: {exc.strerror}")
                 if data is not None:
                     conn.receive_data(data)
+                    quiet = False
                 while True:
                     event = conn.next_event()
                     if type(event) is Output:
@@ -421,7 +416,7 @@ def exchange(sock: socket.socket, conn: ClientConnection, header: bytes, label: 
             left = _left(deadline)
             if left is not None and left <= 0:
                 return fail(ErrorKind.RUN_TIMEOUT, run_timeout_detail(timeout))
-            if waiting_read:
+            if quiet and (blocked or not sending):
                 if not (yield Wait(read=(fd,) if reads else (), write=(fd,) if blocked else (),
                                    timeout=left)):
                     return fail(ErrorKind.RUN_TIMEOUT, run_timeout_detail(timeout))
@@ -536,7 +531,11 @@ def _run_fork(target: ForkTarget, argv: tuple[bytes, ...], environ: dict[bytes, 
         for fd in (in_w, out_r):
             if fd != -1:
                 os.set_blocking(fd, False)
-        pidfd = open_pidfd(pid)
+        try:
+            pidfd = open_pidfd(pid)
+        except OSError as exc:
+            return RunResult.failure(ErrorKind.OTHER, f"pidfd_open() failed: {exc.strerror}",
+                                     target=label, output=out.data())
         try:
             finished = yield from _pump_pipes(in_w if has_input else None,
                                               out_r if want_output else None, deadline, out, fds)
