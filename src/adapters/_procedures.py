@@ -39,12 +39,21 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import inspect
 import os
 import signal
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterable,
+    Mapping,
+)
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -83,6 +92,7 @@ from ._common import (
     describe_returncode,
     env_bytes,
     fork_result,
+    input_chunks,
     log_bad_header,
     log_request,
     peer_label,
@@ -93,18 +103,22 @@ from ._common import (
 
 __all__ = [
     "TURN",
+    "Abandoned",
     "Deliver",
+    "Driver",
     "Expired",
     "Job",
     "Jobs",
     "NextInput",
     "Offload",
     "Procedure",
+    "RunStream",
     "Turn",
     "Wait",
     "WaitJobs",
     "accept",
     "drive",
+    "run_answers",
     "serve_connection",
     "start_run",
     "wind_down",
@@ -585,27 +599,184 @@ def start_run(target: Target | str, args: Iterable[BytesLike], options: RunOptio
                        options.get("connect_timeout", DEFAULT_CONNECT_TIMEOUT), timeout, out)
 
 
-async def drive(procedure: Procedure[T], answer: Mapping[type, Callable[[Any], Awaitable[Any]]],
-                ) -> T:
-    """Run *procedure* to its end, answering each request with ``answer[type(request)]``.
+Answers = Mapping[type, Callable[[Any], Awaitable[Any]]]
 
-    The one driver loop of every flavour: asyncio and trio await it; the
-    blocking flavour's answers never suspend, so it completes in a single
-    ``send()``.  Whatever an answer raises (a cancellation, an error of the
-    caller's input or output) is thrown into the procedure, which cleans
-    up and lets it propagate.
+
+class Driver:
+    """Answers a procedure's requests from a table, until it ends or asks something else.
+
+    The one driver loop of every flavour.  Whatever an answer raises (a
+    cancellation, an error of the caller's input or output) is thrown into
+    the procedure, which cleans up and lets it propagate.
     """
-    reply: Any = None
-    error: BaseException | None = None
-    while True:
+
+    __slots__ = ("_answers", "_procedure", "result")
+
+    def __init__(self, procedure: Procedure[Any], answers: Answers) -> None:
+        self._procedure = procedure
+        self._answers = answers
+        #: What the procedure returned, once it has ended.
+        self.result: Any = None
+
+    async def advance(self, reply: Any = None) -> Request_ | None:
+        """Run on: the first request the table cannot answer, or None at the end.
+
+        *reply* is sent in first (the answer to the request last returned).
+        """
+        error: BaseException | None = None
+        procedure, answers = self._procedure, self._answers
+        while True:
+            try:
+                request = procedure.throw(error) if error is not None else procedure.send(reply)
+            except StopIteration as stop:
+                self.result = stop.value
+                return None
+            answer = answers.get(type(request))
+            if answer is None:
+                return request
+            try:
+                reply, error = await answer(request), None
+            except BaseException as exc:  # thrown into the procedure
+                reply, error = None, exc
+
+    def abandon(self) -> None:
+        """End a procedure nobody will drive on: it cleans up (kills, closes) at once."""
+        with contextlib.suppress(Abandoned, StopIteration):
+            self._procedure.throw(Abandoned())
+
+
+async def _next_chunk(chunks: AsyncIterator[bytes]) -> bytes | None:
+    async for chunk in chunks:
+        if chunk:
+            return bytes(chunk)
+    return None
+
+
+Within = Callable[[Awaitable[Any], "float | None"], Awaitable[Any]]
+
+
+def run_answers(answers: Answers, input: object, output: Callable[[bytes], object] | None,
+                within: Within, read: Callable[..., Awaitable[bytes]] | None = None) -> Answers:
+    """A flavour's *answers* plus those of one run: its input and its output.
+
+    *input* is what ``run()`` accepts (bytes, a file, an iterable or an
+    async iterable of bytes); an async iterable's next chunk and an
+    awaitable that *output* returns are awaited through *within*, which
+    raises :class:`Expired` when the request's timeout passes.  *read*
+    reads a file off the loop (``read(file.read, size)``), else the file is
+    read where the driver runs.  Without *output* there is no Deliver
+    answer: ``open_run()`` takes the output itself.
+    """
+    next_input: Callable[[NextInput], Awaitable[bytes | None]]
+    if isinstance(input, AsyncIterable):
+        chunks = input.__aiter__()
+
+        async def next_input(request: NextInput) -> bytes | None:
+            return await within(_next_chunk(chunks), request.timeout)  # type: ignore[no-any-return]
+
+    elif read is not None and (read_file := getattr(input, "read", None)) is not None:
+
+        async def next_input(request: NextInput) -> bytes | None:
+            return await within(read(read_file, CHUNK), request.timeout) or None
+
+    else:
+        sync_chunks = input_chunks(input)
+
+        async def next_input(request: NextInput) -> bytes | None:
+            return next(sync_chunks, None)
+
+    async def deliver(request: Deliver) -> None:
+        assert output is not None
+        returned = output(request.data)
+        if inspect.isawaitable(returned):
+            await within(returned, request.timeout)
+
+    mine: dict[type, Callable[[Any], Awaitable[Any]]] = {**answers, NextInput: next_input}
+    if output is not None:
+        mine[Deliver] = deliver
+    return mine
+
+
+class Abandoned(Exception):
+    """Thrown into a procedure whose caller went away (an ``open_run`` block left early)."""
+
+
+async def drive(procedure: Procedure[T], answers: Answers) -> T:
+    """Run *procedure* to its end, answering each request with ``answers[type(request)]``.
+
+    asyncio and trio await it; the blocking flavour's answers never
+    suspend, so it completes in a single ``send()``.
+    """
+    driver = Driver(procedure, answers)
+    left = await driver.advance()
+    assert left is None, f"no answer for {left!r}"
+    return driver.result  # type: ignore[no-any-return]
+
+
+class RunStream:
+    """A run's output, chunk by chunk: what ``async with open_run(...)`` gives.
+
+    Iterate it with ``async for``; each item is one chunk of output as it
+    arrives.  The run advances only while the consumer asks for the next
+    chunk, so memory stays bounded whatever the output's size (the run
+    timeout includes the time the consumer takes).  Entering the block
+    starts the run.  When the iteration ends, :attr:`result` holds the
+    :class:`RunResult` (its ``output`` is None: the chunks were the
+    output); an exception the run raised (from the input, say) is raised by
+    the iteration.  Leaving the block before the end stops the run at once:
+    the connection is closed, a fork driver's child is killed and reaped,
+    and :attr:`result` stays None.
+    """
+
+    def __init__(self, procedure: Procedure[RunResult], answers: Answers) -> None:
+        #: The run's outcome, once the iteration has ended (else None).
+        self.result: RunResult | None = None
+        self._driver = Driver(procedure, answers)
+        self._next: bytes | Exception | None = None
+        self._state = "new"  # then "open", "over"
+
+    async def __aenter__(self) -> RunStream:
+        if self._state != "new":
+            raise RuntimeError("a RunStream is entered once, as open_run() returns it")
+        self._state = "open"
         try:
-            request = procedure.throw(error) if error is not None else procedure.send(reply)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
+            self._next = await self._step()
+        except Exception as exc:  # raised by the iteration, as documented
+            self._next = exc
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._state == "open":
+            self._state = "over"
+            self._driver.abandon()
+
+    def __aiter__(self) -> RunStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._state == "new":
+            raise RuntimeError("iterate a RunStream inside its async with block")
+        pending, self._next = self._next, None
+        if isinstance(pending, Exception):
+            raise pending
+        if pending is None and self._state == "open":
+            pending = await self._step()
+        if pending is None:
+            raise StopAsyncIteration
+        return pending
+
+    async def _step(self) -> bytes | None:
         try:
-            reply, error = await answer[type(request)](request), None
-        except BaseException as exc:  # thrown into the procedure
-            reply, error = None, exc
+            request = await self._driver.advance()
+        except BaseException:
+            self._state = "over"
+            raise
+        if request is None:
+            self._state = "over"
+            self.result = self._driver.result
+            return None
+        assert type(request) is Deliver
+        return request.data
 
 
 # --- service ------------------------------------------------------------------
