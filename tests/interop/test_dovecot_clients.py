@@ -1,7 +1,13 @@
 """Dovecot's own clients against ``execproto serve`` (every flavour, over unix).
 
-* The 2.3 quota plugin's warning (``doveadm save`` crosses a tiny quota's
-  threshold): a synchronous ``noreply`` request, then close.
+Each test runs once per installation (2.3.19, 2.4.1, 2.4.5); the tools
+(``doveadm``, ``sieve-test``) run in the installation, ``execproto serve``
+on the host, with its sockets in the shared workspace.
+
+* The quota plugin's warning (``doveadm save`` crosses a tiny quota's
+  threshold; 2.3's ``quota_warning`` string or 2.4's ``quota`` filter with an
+  ``execute`` block): a synchronous ``noreply`` request, then close. The
+  same warning through the fork driver shows which uids the program gets.
 * Pigeonhole's ``sieve-test`` with ``vnd.dovecot.filter``, ``.execute`` and
   ``.pipe``, which use the program client in reply mode with a payload and
   ``env_`` lines. The same sieve script runs once against Dovecot's own
@@ -16,17 +22,17 @@ script) lives in a directory outside pytest's private temporary tree.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import tempfile
-from collections.abc import Iterator
+import sys
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from .dovecot import PrivateDovecot, ScriptService
+from .dovecot import Installation, PrivateDovecot, ScriptService, write_script
 from .tools import (
     FLAVOURS,
     RUN_LIMIT,
@@ -44,30 +50,44 @@ MAIL_ORIG_RECIPIENT = "orig@example.com"
 SIEVE_USER = "sieveuser"
 
 
-def tool(name: str) -> str:
+def tool(installation: Installation, name: str) -> str:
     """Path of a Dovecot tool; skips the test (fails it under CI) if missing."""
-    found = shutil.which(name) or f"/usr/bin/{name}"
-    if not os.access(found, os.X_OK):
-        unavailable(f"{name} not found")
+    found = installation.tool(name)
+    if found is None:
+        unavailable(f"Dovecot {installation.label}: {name} not found")
     return found
 
 
+def run_in(installation: Installation, argv: Sequence[str], *, as_nobody: bool = False,
+           input: bytes = b"", env: dict[str, str] | None = None,
+           ) -> subprocess.CompletedProcess[bytes]:
+    """Run a Dovecot tool of ``installation`` (bounded); output is captured."""
+    nobody = as_nobody and not installation.chrooted  # chroot switches itself
+    return subprocess.run(
+        installation.command(argv, user=NOBODY if as_nobody and installation.chrooted else None),
+        input=input, capture_output=True, timeout=RUN_LIMIT, check=False, env=env,
+        user=NOBODY if nobody else None, group=NOBODY if nobody else None,
+        extra_groups=[] if nobody else None,
+    )
+
+
 @pytest.fixture(scope="module")
-def public_dir(dovecot_path: str) -> Iterator[Path]:
-    """A fresh directory uid 65534 can enter (pytest's tree is mode 0700)."""
-    path = Path(tempfile.mkdtemp(prefix="execproto-interop-"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+def public_dir(workspace: Path) -> Path:
+    """The workspace: uid 65534 can enter it (pytest's tree is mode 0700)."""
+    return workspace
 
 
 def serve_args(flavour: str, socket: Path, probe: Path, *script_args: str,
                allow: str = "") -> list[str]:
-    """``execproto serve`` arguments: the probe on a unix socket anyone may use."""
+    """``execproto serve`` arguments: the probe on a unix socket anyone may use.
+
+    The probe runs with the test's interpreter: its shebang names the
+    installation's, which may be a chroot's. Its argv is the same either way.
+    """
     options = ["--adapter", flavour, "--unix", str(socket), "--mode", "0666"]
     if allow:
         options += ["-e", allow]
-    return [*options, str(probe), *script_args]
+    return [*options, sys.executable, str(probe), *script_args]
 
 
 # --- quota warnings ---------------------------------------------------------------
@@ -77,26 +97,28 @@ def serve_args(flavour: str, socket: Path, probe: Path, *script_args: str,
 class Quota:
     """A private Dovecot with quota warnings to ``unix:<root>/<user>.sock``."""
 
+    installation: Installation
     dovecot: PrivateDovecot
     root: Path
     probe: Path
+    users: Path
 
     def records(self, backend: str) -> Path:
         path = self.root / f"records-{backend}"
         path.mkdir(exist_ok=True)
         return path
 
-    def save(self, user: str) -> subprocess.CompletedProcess[bytes]:
+    def save(self, user: str, config: Path | None = None) -> subprocess.CompletedProcess[bytes]:
         """Deliver a 1.5 KB message (15% of the 10 KB quota) with doveadm."""
         message = b"From: a@example.com\r\nSubject: quota\r\n\r\n" + b"x" * 1500 + b"\r\n"
-        return subprocess.run(
-            [tool("doveadm"), "-c", str(self.dovecot.config_path), "save", "-u", user],
-            input=message, capture_output=True, timeout=RUN_LIMIT, check=False,
-        )
+        config = config or self.dovecot.config_path
+        return run_in(self.installation,
+                      [tool(self.installation, "doveadm"), "-c", str(config), "save", "-u", user],
+                      input=message)
 
 
 @pytest.fixture(scope="module")
-def quota(public_dir: Path, dovecot_path: str) -> Iterator[Quota]:
+def quota(installation: Installation, public_dir: Path) -> Iterator[Quota]:
     root = public_dir / "quota"
     mail = root / "mail"
     mail.mkdir(parents=True)
@@ -104,34 +126,17 @@ def quota(public_dir: Path, dovecot_path: str) -> Iterator[Quota]:
     users = root / "users"
     users.write_text("".join(
         f"qw-{name}:{{PLAIN}}secret:{NOBODY}:{NOBODY}::{mail}/qw-{name}::\n"
-        for name in ("dovecot", "raw", *FLAVOURS)))
-    probe = write_probe(root / "probe.py")
-    # The 2.3 syntax: rule, then target (a ':' makes a scheme), then args;
-    # %u also picks the socket, so each backend gets its own user.
-    extra = f"""
-mail_location = maildir:~/Maildir
-mail_plugins = quota
-passdb {{
-  driver = passwd-file
-  args = {users}
-}}
-userdb {{
-  driver = passwd-file
-  args = {users}
-}}
-plugin {{
-  quota = maildir:User quota
-  quota_rule = *:storage=10K
-  quota_warning = storage=5%% unix:{root}/%u.sock 10 %u
-}}
-"""
+        for name in ("dovecot", "raw", "fork", *FLAVOURS)))
+    probe = write_probe(root / "probe.py", installation.python)
+    # Each backend gets its own user: the warning's socket path has the user.
+    extra = installation.config.quota(users, sockets=root)
     service = ScriptService("qw-dovecot", probe, args=(str(root / "records-dovecot"), "raw"),
                             unix_listener=str(root / "qw-dovecot.sock"))
-    dovecot = PrivateDovecot([service], directory=root / "dovecot", binary=dovecot_path,
+    dovecot = PrivateDovecot([service], directory=root / "dovecot", installation=installation,
                              extra_config=extra, wait_for=["auth-userdb"])
     dovecot.start()
     try:
-        yield Quota(dovecot, root, probe)
+        yield Quota(installation, dovecot, root, probe, users)
     finally:
         dovecot.stop()
 
@@ -178,6 +183,58 @@ def test_quota_warning(quota: Quota, flavour: str) -> None:
     assert f"args=[10 qw-{flavour}]" in serve.log(), serve.log()
 
 
+# The fork driver's program: its args, and its ids from /proc (an exec does
+# not change them). A shell script: it runs as the mail user, who cannot use
+# the test's interpreter.
+IDS_SCRIPT = """\
+#!/bin/sh
+out="$1"; shift
+{ echo "args: $*"; /bin/grep -E '^(Uid|Gid|Groups):' /proc/self/status; } >"$out.tmp"
+/bin/mv "$out.tmp" "$out"
+"""
+# Real, effective, saved and filesystem uid (then gid) of the fork driver's
+# program, a /bin/sh script, when doveadm (root) delivers for uid 65534.
+NO_ROOT = [f"Uid:\t{NOBODY}\t{NOBODY}\t{NOBODY}\t{NOBODY}",
+           f"Gid:\t{NOBODY}\t{NOBODY}\t{NOBODY}\t{NOBODY}"]
+# 2.4.0 to 2.4.3 exec it with the real uid 0 kept (effective 65534); dash,
+# Debian's /bin/sh, then sets its effective uid to the real one: root.
+AS_ROOT = ["Uid:\t0\t0\t0\t0", f"Gid:\t{NOBODY}\t{NOBODY}\t{NOBODY}\t{NOBODY}"]
+
+
+def fork_ids(installation: Installation) -> list[str]:
+    """The ids of the fork driver's program on ``installation`` (measured)."""
+    return AS_ROOT if (2, 4) <= installation.version < (2, 4, 4) else NO_ROOT
+
+
+def test_quota_warning_fork_uids(quota: Quota) -> None:
+    """The warning through the fork driver: the program's uids and gids.
+
+    ``doveadm`` for a user mask (``-u 'qw-fork*'``) runs as root and reaches
+    each user's mail with effective ids only. 2.3 applies the user's ids in
+    full before exec; 2.4.0 keeps real root, which 2.4.4 drops again ("Drop
+    any real root privileges before program execvp()", PROTOCOL.md 8.1).
+    """
+    records = quota.records("fork")
+    records.chmod(0o777)  # the program does not run as root
+    script = write_script(quota.root / "ids.sh", IDS_SCRIPT)
+    out = records / "ids.txt"
+    config = quota.root / "fork.conf"
+    config.write_text(quota.dovecot.config_text().replace(
+        quota.dovecot.extra_config,
+        quota.installation.config.quota(quota.users, fork=[str(script), str(out)])))
+
+    saved = quota.save("qw-fork*", config)
+
+    assert saved.returncode == 0, saved.stderr.decode(errors="replace")
+    deadline = time.monotonic() + RUN_LIMIT
+    while not out.exists():  # the warning runs synchronously: a formality
+        assert time.monotonic() < deadline, saved.stderr.decode(errors="replace")
+        time.sleep(0.02)
+    lines = out.read_text().splitlines()
+    assert lines[0] == "args: 10 qw-fork"
+    assert lines[1:3] == fork_ids(quota.installation)
+
+
 # --- Pigeonhole extprograms ----------------------------------------------------------
 
 SIEVE_SCRIPT = """\
@@ -214,6 +271,7 @@ class SieveRun:
 class Sieve:
     """Files for the sieve-test runs, and Dovecot's own services for them."""
 
+    installation: Installation
     root: Path
     probe: Path
     records: Path
@@ -231,53 +289,44 @@ class Sieve:
         for path in (work, work / "mail", work / "test.sieve"):
             os.chown(path, NOBODY, NOBODY)  # sieve-test saves the compiled script
         config = work / "sieve.conf"
-        config.write_text(f"""\
-base_dir = {base_dir}
-mail_location = maildir:{work}/mail
-plugin {{
-  sieve_plugins = sieve_extprograms
-  sieve_extensions = +vnd.dovecot.filter +vnd.dovecot.execute +vnd.dovecot.pipe
-  sieve_filter_socket_dir = sieve-filter
-  sieve_execute_socket_dir = sieve-execute
-  sieve_pipe_socket_dir = sieve-pipe
-}}
-""")
+        config.write_text(self.installation.config.sieve(base_dir, work / "mail"))
         # Mail processes do not run as root: run it as uid 65534. Without -u
         # it takes USER and HOME from the environment, and no userdb.
-        done = subprocess.run(
-            [tool("sieve-test"), "-c", str(config), "-e", "-t", "-", "-T", "level=commands",
-             "-f", MAIL_SENDER, "-r", MAIL_RECIPIENT, "-a", MAIL_ORIG_RECIPIENT,
-             str(work / "test.sieve"), str(work / "msg.eml")],
-            capture_output=True, timeout=RUN_LIMIT, check=False,
+        done = run_in(
+            self.installation,
+            [tool(self.installation, "sieve-test"), "-c", str(config), "-e", "-t", "-",
+             "-T", "level=commands", "-f", MAIL_SENDER, "-r", MAIL_RECIPIENT,
+             "-a", MAIL_ORIG_RECIPIENT, str(work / "test.sieve"), str(work / "msg.eml")],
+            as_nobody=True,
             env={"USER": SIEVE_USER, "HOME": str(work), "PATH": os.environ.get("PATH", "")},
-            user=NOBODY, group=NOBODY, extra_groups=[],
         )
         records = {}
         for record in read_records(self.records):
             action = record["argv"][3]
             assert action not in records, f"{action} ran twice"
             records[action] = record
-        stored = [p.read_bytes() for p in sorted((work / "mail").glob("**/new/*"))]
+        # 2.4.5 files the message under cur/ with the $HasNoAttachment keyword.
+        stored = [p.read_bytes() for p in sorted((work / "mail").glob("**/[nc][eu][wr]/*"))]
         return SieveRun(done.returncode, done.stdout.decode(errors="replace"),
                         done.stderr.decode(errors="replace"), records, stored)
 
 
 @pytest.fixture(scope="module")
-def sieve(public_dir: Path, dovecot_path: str) -> Iterator[Sieve]:
-    tool("sieve-test")
+def sieve(installation: Installation, public_dir: Path) -> Iterator[Sieve]:
+    tool(installation, "sieve-test")
     root = public_dir / "sieve"
     records = root / "records"
     records.mkdir(parents=True)
-    probe = write_probe(root / "probe.py")
+    probe = write_probe(root / "probe.py", installation.python)
     services = [
         ScriptService(f"{directory}-{program}", probe, args=(str(records), "raw", action),
                       env_allowlist=ALLOW.split(","), unix_listener=f"{directory}/{program}")
         for directory, program, action in PROGRAMS
     ]
-    dovecot = PrivateDovecot(services, directory=root / "dovecot", binary=dovecot_path)
+    dovecot = PrivateDovecot(services, directory=root / "dovecot", installation=installation)
     dovecot.start()
     try:
-        yield Sieve(root, probe, records, dovecot)
+        yield Sieve(installation, root, probe, records, dovecot)
     finally:
         dovecot.stop()
 
@@ -295,7 +344,10 @@ def test_sieve_reference(sieve: Sieve, sieve_reference: SieveRun) -> None:
     prefix = [str(sieve.probe), str(sieve.records), "raw"]
     # env_ lines for USER, HOME, HOST, SENDER, RECIPIENT, ORIG_RECIPIENT
     # (PROTOCOL.md 2.11); the service keeps the -e names.
-    env = {"USER": SIEVE_USER, "SENDER": MAIL_SENDER, "RECIPIENT": MAIL_RECIPIENT}
+    # USER: 2.3's sieve-test passes on its USER environment variable, 2.4's
+    # the name of its uid (measured on 2.4.1 and 2.4.5).
+    user = SIEVE_USER if sieve.installation.version < (2, 4) else "nobody"
+    env = {"USER": user, "SENDER": MAIL_SENDER, "RECIPIENT": MAIL_RECIPIENT}
     crlf = MESSAGE.replace(b"\n", b"\r\n")
     filtered = b"X-Filtered: one two words\r\n" + crlf
     assert run.records["filter"] == {
