@@ -226,6 +226,10 @@ class DovecotConfig:
         """``sieve-test``'s config: extprograms with sockets under ``base_dir``."""
         raise NotImplementedError
 
+    def lda_redirect(self, base_dir: Path, mail_dir: Path, script: Path, port: int) -> str:
+        """``dovecot-lda``'s config: run ``script``, submit over SMTP to ``port``."""
+        raise NotImplementedError
+
 
 class Config23(DovecotConfig):
     """Dovecot 2.3: ``plugin { }`` strings and ``%u`` variables."""
@@ -267,6 +271,19 @@ plugin {{
   sieve_execute_socket_dir = sieve-execute
   sieve_pipe_socket_dir = sieve-pipe
 }}
+"""
+
+    def lda_redirect(self, base_dir: Path, mail_dir: Path, script: Path, port: int) -> str:
+        return f"""\
+base_dir = {_plain(str(base_dir))}
+mail_location = maildir:{_plain(str(mail_dir))}
+protocol lda {{
+  mail_plugins = sieve
+}}
+plugin {{
+  sieve = file:{_plain(str(script))}
+}}
+submission_host = 127.0.0.1:{port}
 """
 
 
@@ -333,6 +350,24 @@ sieve_extensions {{
 sieve_filter_socket_dir = sieve-filter
 sieve_execute_socket_dir = sieve-execute
 sieve_pipe_socket_dir = sieve-pipe
+"""
+
+    def lda_redirect(self, base_dir: Path, mail_dir: Path, script: Path, port: int) -> str:
+        return self.versions + f"""\
+base_dir = {_plain(str(base_dir))}
+mail_driver = maildir
+mail_path = {_plain(str(mail_dir))}
+protocol lda {{
+  mail_plugins {{
+    sieve = yes
+  }}
+}}
+sieve_script personal {{
+  type = personal
+  driver = file
+  path = {_plain(str(script))}
+}}
+submission_host = 127.0.0.1:{port}
 """
 
 

@@ -8,6 +8,8 @@ on the host, with its sockets in the shared workspace.
   threshold; 2.3's ``quota_warning`` string or 2.4's ``quota`` filter with an
   ``execute`` block): a synchronous ``noreply`` request, then close. The
   same warning through the fork driver shows which uids the program gets.
+* Dovecot's dot encoder, seen through ``dovecot-lda``'s Sieve redirect to an
+  SMTP sink: a bare CR before a dot (PROTOCOL.md 5.2.3).
 * Pigeonhole's ``sieve-test`` with ``vnd.dovecot.filter``, ``.execute`` and
   ``.pipe``, which use the program client in reply mode with a payload and
   ``env_`` lines. The same sieve script runs once against Dovecot's own
@@ -22,8 +24,10 @@ script) lives in a directory outside pytest's private temporary tree.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -395,3 +399,91 @@ def test_sieve_against_serve(sieve: Sieve, sieve_reference: SieveRun, flavour: s
         # The socket files are gone after SIGTERM.
         assert not any(Path(a).exists() for a in serve.addresses)
 
+
+
+# --- Dovecot's dot encoder -------------------------------------------------------------
+#
+# No Dovecot client sends a payload through the program client's tcp driver
+# (quota warnings and welcome have none, Pigeonhole's extprograms use unix
+# or fork, and a synchronous tcp run crashes: Q13), so its dot encoder
+# (ostream-dot, PROTOCOL.md 5.2.3) is observed where it is shared: SMTP DATA.
+# dovecot-lda runs a Sieve "redirect" and submits the message to a sink.
+
+REDIRECT_MESSAGE = b"From: a@example.com\r\nSubject: dots\r\n\r\na\r.b\r\n\r.c\r\nend\r\n"
+# Upstream, a bare CR + "." is copied up to 2.4.4 and stuffed from 2.4.5
+# (CVE-2026-33604). Debian backported the fix to both of its older builds
+# (2.3.19.1+deb12u7, 2.4.1+dfsg1-6+deb13u7), measured here.
+BODY_STUFFED = b"a\r\n..b\r\n\r\n..c\r\nend\r\n.\r\n"
+BODY_COPIED = b"a\r.b\r\n\r.c\r\nend\r\n.\r\n"
+BARE_CR_DOT = {"2.3.19": BODY_STUFFED, "2.4.1": BODY_STUFFED, "2.4.5": BODY_STUFFED}
+
+
+class SmtpSink:
+    """A one-connection SMTP server on 127.0.0.1 that keeps the DATA bytes as sent."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(RUN_LIMIT)
+        self.port: int = self.listener.getsockname()[1]
+        self.data = b""
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            connection, _ = self.listener.accept()
+            with connection, connection.makefile("rb") as lines:
+                connection.settimeout(RUN_LIMIT)
+                connection.sendall(b"220 sink ESMTP\r\n")
+                while line := lines.readline():
+                    verb = line[:4].upper()
+                    if verb == b"EHLO":
+                        connection.sendall(b"250-sink\r\n250 8BITMIME\r\n")
+                    elif verb == b"DATA":
+                        connection.sendall(b"354 go on\r\n")
+                        while (part := lines.readline()) and part != b".\r\n":
+                            self.data += part
+                        self.data += part
+                        connection.sendall(b"250 kept\r\n")
+                    elif verb == b"QUIT":
+                        connection.sendall(b"221 bye\r\n")
+                        return
+                    else:
+                        connection.sendall(b"250 ok\r\n")
+        except BaseException as exc:  # reported by body()
+            self.error = exc
+        finally:
+            self.listener.close()
+
+    def body(self) -> bytes:
+        """The DATA bytes after the header (up to and with the end line)."""
+        self.thread.join(RUN_LIMIT)
+        assert not self.thread.is_alive(), "SMTP sink still running"
+        assert self.error is None, self.error
+        return self.data.partition(b"\r\n\r\n")[2]
+
+
+def test_dot_encoder_bare_cr(installation: Installation, public_dir: Path) -> None:
+    script_binary = installation.script_binary()
+    assert script_binary is not None
+    lda = script_binary.parent / "dovecot-lda"
+    if not os.access(installation.host_path(lda), os.X_OK):
+        unavailable(f"Dovecot {installation.label}: {lda} not found")
+    work = public_dir / "lda"
+    (work / "mail").mkdir(parents=True)
+    script = work / "redirect.sieve"
+    script.write_text('redirect "to@example.com";\n')
+    for path in (work, work / "mail", script):
+        os.chown(path, NOBODY, NOBODY)  # the compiled script is saved next to it
+    sink = SmtpSink()
+    config = work / "lda.conf"
+    config.write_text(installation.config.lda_redirect(work / "run", work / "mail", script,
+                                                       sink.port))
+
+    done = run_in(installation, [str(lda), "-c", str(config), "-f", "s@example.com"],
+                  as_nobody=True, input=REDIRECT_MESSAGE,
+                  env={"USER": "nobody", "HOME": str(work), "PATH": os.environ.get("PATH", "")})
+
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    assert sink.body() == BARE_CR_DOT[installation.label]
