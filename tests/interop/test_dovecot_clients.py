@@ -24,9 +24,11 @@ script) lives in a directory outside pytest's private temporary tree.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -487,3 +489,42 @@ def test_dot_encoder_bare_cr(installation: Installation, public_dir: Path) -> No
 
     assert done.returncode == 0, done.stderr.decode(errors="replace")
     assert sink.body() == BARE_CR_DOT[installation.label]
+
+
+# The same question for execproto's own fork driver, asked of a caller in
+# the state doveadm is in: real uid 0, effective uid 65534.
+FORK_CALLER = """\
+import os, sys
+from execproto.adapters import blocking  # imported as root: the tree is private
+
+script, out = sys.argv[1:3]
+os.setgroups([])
+os.setresgid({nobody}, {nobody}, 0)
+os.setresuid(0, {nobody}, 0)
+result = blocking.run("exec:" + script, [out], timeout=20, connect_timeout=20)
+sys.exit(0 if result.ok else 1)
+"""
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "execproto's fork driver execs with the caller's real root kept, like Dovecot 2.4.0-2.4.3; "
+    "2.4.4+ drop it before exec (PROTOCOL.md 8.1), and a /bin/sh script then runs as root"))
+def test_execproto_fork_driver_uids() -> None:
+    if os.geteuid() != 0:
+        unavailable("needs root")
+    directory = Path(tempfile.mkdtemp(prefix="execproto-fork-"))
+    try:
+        directory.chmod(0o777)  # the script writes as uid 65534
+        script = write_script(directory / "ids.sh", IDS_SCRIPT)
+        out = directory / "ids.txt"
+
+        done = subprocess.run([sys.executable, "-c", FORK_CALLER.format(nobody=NOBODY),
+                               str(script), str(out)], capture_output=True, timeout=RUN_LIMIT,
+                              check=False)
+
+        assert done.returncode == 0, done.stderr.decode(errors="replace")
+        lines = out.read_text().splitlines()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    assert lines[0] == "args: "
+    assert lines[1:3] == NO_ROOT
