@@ -528,3 +528,32 @@ def test_execproto_fork_driver_uids() -> None:
         shutil.rmtree(directory, ignore_errors=True)
     assert lines[0] == "args: "
     assert lines[1:3] == NO_ROOT
+
+
+# --- the configuration text ------------------------------------------------------------
+
+
+def test_configs_are_clean(installation: Installation, public_dir: Path) -> None:
+    """Every dovecot.conf the tests write is read by the version's doveconf without a warning."""
+    work = public_dir / "doveconf"
+    work.mkdir()
+    users = work / "users"
+    users.write_text("")
+    config = installation.config
+    service = ScriptService("svc", work / "probe.py", args=("a",), env_allowlist=("FOO",),
+                            unix_listener="sub/svc", inet_listener=True)
+    dovecot = PrivateDovecot([service], directory=work / "dovecot", installation=installation)
+    texts = {
+        "services": dovecot.config_text(),
+        "quota": dovecot.config_text() + config.quota(users, sockets=work),
+        "quota-fork": dovecot.config_text() + config.quota(users, fork=["/bin/true", "x"]),
+        "sieve": config.sieve(work / "run", work / "mail"),
+        "lda": config.lda_redirect(work / "run", work / "mail", work / "x.sieve", 25),
+    }
+    doveconf = tool(installation, "doveconf")
+    for name, text in texts.items():
+        path = work / f"{name}.conf"
+        path.write_text(text)
+        done = run_in(installation, [doveconf, "-n", "-c", str(path)])
+        stderr = done.stderr.decode(errors="replace")
+        assert (done.returncode, stderr) == (0, ""), f"{name}.conf:\n{text}"
