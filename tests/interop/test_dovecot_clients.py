@@ -189,13 +189,17 @@ def test_quota_warning(quota: Quota, flavour: str) -> None:
     assert f"args=[10 qw-{flavour}]" in serve.log(), serve.log()
 
 
-# The fork driver's program: its args, and its ids from /proc (an exec does
-# not change them). A shell script: it runs as the mail user, who cannot use
-# the test's interpreter.
+# The fork driver's program: its args, its ids from /proc (an exec does not
+# change them) and what its descriptor 0 is. A shell script: it runs as the
+# mail user, who cannot use the test's interpreter.
 IDS_SCRIPT = """\
 #!/bin/sh
 out="$1"; shift
-{ echo "args: $*"; /bin/grep -E '^(Uid|Gid|Groups):' /proc/self/status; } >"$out.tmp"
+{
+  echo "args: $*"
+  /bin/grep -E '^(Uid|Gid|Groups):' /proc/self/status
+  echo "stdin: $(/bin/readlink /proc/$$/fd/0) $(/bin/grep flags: /proc/$$/fdinfo/0)"
+} >"$out.tmp" 2>/dev/null
 /bin/mv "$out.tmp" "$out"
 """
 # Real, effective, saved and filesystem uid (then gid) of the fork driver's
@@ -205,6 +209,12 @@ NO_ROOT = [f"Uid:\t{NOBODY}\t{NOBODY}\t{NOBODY}\t{NOBODY}",
 # 2.4.0 to 2.4.3 exec it with the real uid 0 kept (effective 65534); dash,
 # Debian's /bin/sh, then sets its effective uid to the real one: root.
 AS_ROOT = ["Uid:\t0\t0\t0\t0", f"Gid:\t{NOBODY}\t{NOBODY}\t{NOBODY}\t{NOBODY}"]
+
+
+def stdin_of(lines: list[str]) -> tuple[str, int]:
+    """What the ids script found as its descriptor 0: target, access mode."""
+    _, target, _, flags = lines[-1].split()
+    return target, int(flags, 8) & os.O_ACCMODE
 
 
 def fork_ids(installation: Installation) -> list[str]:
@@ -239,6 +249,9 @@ def test_quota_warning_fork_uids(quota: Quota) -> None:
     lines = out.read_text().splitlines()
     assert lines[0] == "args: 10 qw-fork"
     assert lines[1:3] == fork_ids(quota.installation)
+    # No input: descriptor 0 is /dev/null opened write-only, so reading it
+    # fails with EBADF instead of giving EOF (every version).
+    assert stdin_of(lines) == ("/dev/null", os.O_WRONLY)
 
 
 # --- Pigeonhole extprograms ----------------------------------------------------------
