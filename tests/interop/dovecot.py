@@ -213,12 +213,14 @@ class DovecotConfig:
             ]
         return "\n".join([*lines, "}", ""])
 
-    def quota(self, users: Path, sockets: Path | None = None, fork: Sequence[str] = ()) -> str:
+    def quota(self, users: Path, sockets: Path | None = None, fork: Sequence[str] = (),
+              tcp_port: int | None = None) -> str:
         """Mail users from a passwd-file, a 10 KB quota and its warning at 5 %.
 
         The warning of user U goes to ``unix:SOCKETS/U.sock`` with args
         ``10 U``; with ``fork`` (a program and its first args) it runs
-        ``FORK... 10 U`` through the fork driver instead.
+        ``FORK... 10 U`` through the fork driver instead, with ``tcp_port``
+        it goes to 127.0.0.1 on that port.
         """
         raise NotImplementedError
 
@@ -234,11 +236,14 @@ class DovecotConfig:
 class Config23(DovecotConfig):
     """Dovecot 2.3: ``plugin { }`` strings and ``%u`` variables."""
 
-    def quota(self, users: Path, sockets: Path | None = None, fork: Sequence[str] = ()) -> str:
+    def quota(self, users: Path, sockets: Path | None = None, fork: Sequence[str] = (),
+              tcp_port: int | None = None) -> str:
         # The rule, then the target (a ':' makes a scheme), then args; %u
         # also picks the socket, so each user can have its own.
         if fork:
             target = " ".join(_plain(w) for w in [f"exec:{fork[0]}", *fork[1:]])
+        elif tcp_port is not None:
+            target = f"tcp:127.0.0.1:{tcp_port}"
         else:
             assert sockets is not None
             target = f"unix:{_plain(str(sockets))}/%u.sock"
@@ -296,12 +301,20 @@ class Config24(DovecotConfig):
     def head(self, directory: Path, base_dir: Path, log_path: Path) -> str:
         return self.versions + super().head(directory, base_dir, log_path)
 
-    def quota(self, users: Path, sockets: Path | None = None, fork: Sequence[str] = ()) -> str:
+    def quota(self, users: Path, sockets: Path | None = None, fork: Sequence[str] = (),
+              tcp_port: int | None = None) -> str:
         if fork:
             driver = [
                 "driver = fork",
                 f"fork_path = {_plain(fork[0])}",
                 f"args = {' '.join(_plain(w) for w in fork[1:])} 10 %{{user}}",
+            ]
+        elif tcp_port is not None:
+            driver = [
+                "driver = tcp",
+                "tcp_host = 127.0.0.1",
+                f"tcp_port = {tcp_port}",
+                "args = 10 %{user}",
             ]
         else:
             assert sockets is not None

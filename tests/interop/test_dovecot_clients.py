@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -43,6 +44,7 @@ from .tools import (
     FLAVOURS,
     RUN_LIMIT,
     ServeProcess,
+    free_port,
     read_records,
     unavailable,
     wait_records,
@@ -132,7 +134,7 @@ def quota(installation: Installation, public_dir: Path) -> Iterator[Quota]:
     users = root / "users"
     users.write_text("".join(
         f"qw-{name}:{{PLAIN}}secret:{NOBODY}:{NOBODY}::{mail}/qw-{name}::\n"
-        for name in ("dovecot", "raw", "fork", *FLAVOURS)))
+        for name in ("dovecot", "raw", "fork", "tcp", *FLAVOURS)))
     probe = write_probe(root / "probe.py", installation.python)
     # Each backend gets its own user: the warning's socket path has the user.
     extra = installation.config.quota(users, sockets=root)
@@ -502,6 +504,27 @@ def test_dot_encoder_bare_cr(installation: Installation, public_dir: Path) -> No
 
     assert done.returncode == 0, done.stderr.decode(errors="replace")
     assert sink.body() == BARE_CR_DOT[installation.label]
+
+
+def test_quota_warning_tcp_crashes(quota: Quota) -> None:
+    """A warning to ``execproto serve`` over tcp: doveadm crashes first (Q13).
+
+    A synchronous run of the tcp program client calls a NULL ioloop-switch
+    hook, on every version so far; nothing reaches the service.
+    """
+    records = quota.records("tcp")
+    port = free_port()
+    config = quota.root / "tcp.conf"
+    config.write_text(quota.dovecot.config_text().replace(
+        quota.dovecot.extra_config, quota.installation.config.quota(quota.users, tcp_port=port)))
+    args = ["--adapter", "blocking", "--tcp", f"127.0.0.1:{port}", sys.executable,
+            str(quota.probe), str(records), "dot"]
+    with ServeProcess(args, quota.root / "serve-tcp.log") as serve:
+        saved = quota.save("qw-tcp", config)
+    assert serve.stop() == 0
+    assert saved.returncode == -signal.SIGSEGV, saved.stderr.decode(errors="replace")
+    assert read_records(records) == []
+    assert "args=" not in serve.log(), serve.log()  # no request was logged
 
 
 # The same question for execproto's own fork driver, asked of a caller in
