@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import socket
 import time
 from collections.abc import Sequence
@@ -114,6 +115,10 @@ SCRIPTS = {
     "not-executable": SH_OUT + "exit 0\n",
     "plus": "#!/bin/sh\n/bin/cat >/dev/null\nprintf 'OUT\\n+\\n'\n",
     "passthrough": '#!/bin/sh\necho "args:$#:$*"\nexec /bin/cat\n',
+    # Where and how the script runs (PROTOCOL.md 7.3): its working directory
+    # and its ignored signals, as the kernel has them.
+    "state": "#!/bin/sh\n/bin/cat >/dev/null\necho \"cwd: $(pwd)\"\n"
+             "exec /bin/grep '^SigIgn:' /proc/self/status\n",
 }
 # The signal mask is inherited from the service and may block SIGTERM
 # (PROTOCOL.md 7.3), which a shell cannot undo, so this one is Python.
@@ -293,6 +298,20 @@ def test_cv23_passthrough(setup: Setup) -> None:
     request = VERSION + b"-\nfoo\n\nD\n"
     reply = exchange(setup.dovecot.socket_path("passthrough"), [request])
     assert reply == b"args:1:passthru\n" + request
+
+
+def test_script_process_state(setup: Setup) -> None:
+    """Scripts run in ``base_dir`` with SIGPIPE ignored (PROTOCOL.md 7.3, Q11).
+
+    The blocked-signal mask is not asserted: 2.3.19.1 was seen to pass on a
+    full one only sometimes (Q12).
+    """
+    reply = exchange(setup.dovecot.socket_path("state"), [VERSION + b"-\n\n"])
+    cwd, ignored, trailer = reply.decode().splitlines()
+    assert cwd == f"cwd: {setup.dovecot.base_dir}"
+    name, mask = ignored.split()
+    assert (name, int(mask, 16)) == ("SigIgn:", 1 << (signal.SIGPIPE - 1))
+    assert trailer == "+"
 
 
 def test_inet_listener(setup: Setup) -> None:
