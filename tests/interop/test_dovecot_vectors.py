@@ -117,6 +117,8 @@ SCRIPTS = {
     "passthrough": '#!/bin/sh\necho "args:$#:$*"\nexec /bin/cat\n',
     # Where and how the script runs (PROTOCOL.md 7.3): its working directory
     # and its ignored signals, as the kernel has them.
+    # With the argument "sleep", outlives an alarm=1 (Q9).
+    "slow": "#!/bin/sh\n/bin/cat >/dev/null\n[ \"$1\" = sleep ] && /bin/sleep 2\necho late\n",
     "state": "#!/bin/sh\n/bin/cat >/dev/null\necho \"cwd: $(pwd)\"\n"
              "exec /bin/grep '^SigIgn:' /proc/self/status\n",
 }
@@ -312,6 +314,12 @@ def test_script_process_state(setup: Setup) -> None:
     name, mask = ignored.split()
     assert (name, int(mask, 16)) == ("SigIgn:", 1 << (signal.SIGPIPE - 1))
     assert trailer == "+"
+
+
+def test_q9_alarm_in_reply_mode(setup: Setup) -> None:
+    """``alarm=1`` in reply mode: ``-`` at once, the script's output after it (Q9)."""
+    reply = exchange(setup.dovecot.socket_path("slow"), [VERSION + b"alarm=1\n-\nsleep\n\n"])
+    assert reply == b"-\nlate\n"
 
 
 def test_inet_listener(setup: Setup) -> None:
