@@ -320,6 +320,7 @@ import json
 import os
 import sys
 
+sys.path[:0] = {path!r}
 record_dir, framing, action = sys.argv[1:4]
 if framing == "auto":
     import socket
@@ -388,12 +389,18 @@ elif action == "fail":
 else:
     send(b"recorded\\n")
 '''
-"""Source of the probe script; format with ``python``."""
+"""Source of the probe script; format with ``python`` and ``path`` (a list
+of directories to import from first)."""
 
 
-def write_probe(path: Path) -> Path:
-    """Write the probe script (absolute shebang: scripts run without PATH)."""
-    return write_script(path, PROBE_SOURCE.format(python=sys.executable))
+def write_probe(path: Path, python: str = sys.executable, import_from: Path | None = None) -> Path:
+    """Write the probe script (absolute shebang: scripts run without PATH).
+
+    ``python`` runs it; ``import_from`` is a directory that holds the
+    ``execproto`` package when ``python`` cannot import it otherwise.
+    """
+    extra = [] if import_from is None else [str(import_from)]
+    return write_script(path, PROBE_SOURCE.format(python=python, path=extra))
 
 
 def read_records(directory: Path, pattern: str = "*.json") -> list[dict[str, Any]]:
