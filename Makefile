@@ -7,6 +7,7 @@ test: lint typecheck unit
 
 lint:
 	$(PYTHON) -m ruff check src tests benchmarks
+	@! git grep -nE '^(<<<<<<<|>>>>>>>)( |$$)' -- . ':!*.json' || { echo "merge conflict markers"; exit 1; }
 
 # mypy cannot follow the package-dir mapping of an editable install, so the
 # tests are checked against a tree of links laid out as installed.

@@ -19,9 +19,9 @@ import signal
 import socket
 import stat
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypedDict
+from typing import Any, BinaryIO, TypedDict
 
 from execproto import (
     DEFAULT_LIBEXEC_DIR,
@@ -49,9 +49,13 @@ __all__ = [
     "DEFAULT_MAX_CONNECTIONS",
     "KILL_TIMEOUT",
     "UNIX_RETRY_INTERVAL",
+    "Address",
+    "AsyncInput",
     "FdListener",
+    "Input",
     "Listener",
     "Listeners",
+    "OutputCallback",
     "RunOptions",
     "RunResult",
     "ServiceConfig",
@@ -94,6 +98,16 @@ DEFAULT_GRACE = 10.0
 DEFAULT_SEARCH_PATH = ("/bin", "/usr/bin")
 
 log = logging.getLogger("execproto")
+
+#: A payload for ``run()``: bytes, a binary file or an iterable of bytes.
+Input = bytes | bytearray | memoryview | BinaryIO | Iterable[bytes] | None
+#: The asyncio and trio flavours also take an async iterable of bytes.
+AsyncInput = Input | AsyncIterable[bytes]
+#: Called with each output chunk (by the async flavours: awaited if it
+#: returns an awaitable).
+OutputCallback = Callable[[bytes], object]
+#: Where a service listens: a unix socket path or ``(host, port)``.
+Address = str | tuple[str, int]
 
 
 @dataclass(frozen=True)

@@ -574,16 +574,22 @@ def _run_fork(target: ForkTarget, argv: tuple[bytes, ...], environ: dict[bytes, 
 
 
 def start_run(target: Target | str, args: Iterable[BytesLike], options: RunOptions, *,
-              collect: bool, has_input: bool) -> Procedure[RunResult]:
-    """Check a run's arguments now and return the procedure that performs it.
+              has_input: bool, output: Callable[[bytes], object] | None = None,
+              stream: bool = False) -> Procedure[RunResult]:
+    r"""Check a run's arguments now and return the procedure that performs it.
 
-    Output is collected if *collect*, else yielded as Deliver requests.
+    The output is collected into the result, unless there is an *output*
+    callback (then it is read even with ``read_output=False``) or the run
+    is *stream*\ ed by ``open_run()``: both take it as Deliver requests.
     *has_input*: a payload will be asked for with NextInput (the fork
     driver then gives the child a pipe rather than ``/dev/null``).
 
     Raises:
         LocalProtocolError: invalid arguments (a NUL byte, a bad URI...).
     """
+    collect = output is None and not stream
+    if output is not None:
+        options = {**options, "read_output": True}
     resolved = coerce_target(target, options.get("base_dir"))
     env = env_bytes(options.get("env"))
     read_output = options.get("read_output", True)

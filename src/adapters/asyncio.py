@@ -19,13 +19,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures.thread  # noqa: F401 (see below)
 from collections.abc import (
-    AsyncIterable,
     Awaitable,
     Callable,
     Iterable,
     Sequence,
 )
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, TypeVar
 
 from typing_extensions import Unpack
 
@@ -33,25 +32,22 @@ from execproto import BytesLike, Target
 
 from . import _procedures as proc
 from ._common import (
+    Address,
     Listener,
     Listeners,
+    OutputCallback,
     RunOptions,
     RunResult,
     ServiceConfig,
     ServiceOptions,
 )
+from ._common import (
+    AsyncInput as Input,
+)
 from ._procedures import RunStream
 
 __all__ = ["RunStream", "open_run", "run", "serve"]
 
-#: The payload: bytes, a binary file, an iterable or an async iterable of bytes.
-Input = (
-    bytes | bytearray | memoryview | BinaryIO | Iterable[bytes] | AsyncIterable[bytes] | None
-)
-#: Receives each output chunk; it may return an awaitable, which is awaited.
-OutputCallback = Callable[[bytes], object]
-#: A bound address: a unix socket path or ``(host, port)``.
-Address = str | tuple[str, int]
 T = TypeVar("T")
 # The default executor's module is imported lazily, by the first spawn off
 # the loop; after serve(user=...) dropped privileges that import can fail
@@ -145,10 +141,8 @@ async def run(target: Target | str, args: Iterable[BytesLike] = (), *, input: In
     Raises:
         LocalProtocolError: invalid arguments (a NUL byte, a bad URI...).
     """
-    if output is not None:
-        options["read_output"] = True
-    procedure = proc.start_run(target, args, options, collect=output is None,
-                               has_input=input is not None)
+    procedure = proc.start_run(target, args, options, has_input=input is not None,
+                               output=output)
     return await proc.drive(procedure, _answers(input, output))
 
 
@@ -163,8 +157,8 @@ def open_run(target: Target | str, args: Iterable[BytesLike] = (), *, input: Inp
     Raises:
         LocalProtocolError: invalid arguments (a NUL byte, a bad URI...).
     """
-    procedure = proc.start_run(target, args, options, collect=False,
-                               has_input=input is not None)
+    procedure = proc.start_run(target, args, options, has_input=input is not None,
+                               stream=True)
     return RunStream(procedure, _answers(input, None))
 
 

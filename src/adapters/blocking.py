@@ -16,7 +16,7 @@ import socket
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, TypeVar
 
 from typing_extensions import Unpack
 
@@ -24,8 +24,10 @@ from execproto import BytesLike, Target
 
 from . import _procedures as proc
 from ._common import (
+    Input,
     Listener,
     Listeners,
+    OutputCallback,
     RunOptions,
     RunResult,
     ServiceConfig,
@@ -34,7 +36,6 @@ from ._common import (
 
 __all__ = ["Service", "run", "serve"]
 
-Input = bytes | bytearray | memoryview | BinaryIO | Iterable[bytes] | None
 T = TypeVar("T")
 _READ, _WRITE = select.POLLIN, select.POLLOUT
 
@@ -78,8 +79,7 @@ def _drive(procedure: proc.Procedure[T],
 
 
 def run(target: Target | str, args: Iterable[BytesLike] = (), *, input: Input = None,
-        output: Callable[[bytes], object] | None = None,
-        **options: Unpack[RunOptions]) -> RunResult:
+        output: OutputCallback | None = None, **options: Unpack[RunOptions]) -> RunResult:
     """Run one script and wait for its result.
 
     Args:
@@ -100,10 +100,8 @@ def run(target: Target | str, args: Iterable[BytesLike] = (), *, input: Input = 
         LocalProtocolError: invalid arguments (a NUL byte, a bad URI...).
 
     """
-    if output is not None:
-        options["read_output"] = True
-    procedure = proc.start_run(target, args, options, collect=output is None,
-                               has_input=input is not None)
+    procedure = proc.start_run(target, args, options, has_input=input is not None,
+                               output=output)
     return _drive(procedure, proc.run_answers(_ANSWERS, input, output, _unbounded))
 
 

@@ -23,14 +23,13 @@ from __future__ import annotations
 import contextlib
 import select
 from collections.abc import (
-    AsyncIterable,
     Awaitable,
     Callable,
     Iterable,
     Iterator,
     Sequence,
 )
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, TypeVar
 
 import trio  # type: ignore[import-untyped,unused-ignore]
 from typing_extensions import Unpack
@@ -39,26 +38,22 @@ from execproto import BytesLike, Target
 
 from . import _procedures as proc
 from ._common import (
+    Address,
     Listener,
     Listeners,
+    OutputCallback,
     RunOptions,
     RunResult,
     ServiceConfig,
     ServiceOptions,
 )
+from ._common import (
+    AsyncInput as Input,
+)
 from ._procedures import RunStream
 
 __all__ = ["RunStream", "open_run", "run", "serve"]
 
-#: The payload: bytes, a binary file (read in a worker thread), an iterable
-#: (iterated in the event loop: it must not block) or an async iterable.
-Input = (
-    bytes | bytearray | memoryview | BinaryIO | Iterable[bytes] | AsyncIterable[bytes] | None
-)
-#: Called with each output chunk; may return an awaitable, which is awaited.
-OutputCallback = Callable[[bytes], object]
-#: Where a service listens: a unix socket path or ``(host, port)``.
-Address = str | tuple[str, int]
 T = TypeVar("T")
 
 
@@ -131,10 +126,8 @@ async def run(target: Target | str, args: Iterable[BytesLike] = (), *, input: In
     Raises:
         LocalProtocolError: invalid arguments (a NUL byte, a bad URI...).
     """
-    if output is not None:
-        options["read_output"] = True
-    procedure = proc.start_run(target, args, options, collect=output is None,
-                               has_input=input is not None)
+    procedure = proc.start_run(target, args, options, has_input=input is not None,
+                               output=output)
     return await proc.drive(procedure, _answers(input, output))
 
 
@@ -172,8 +165,8 @@ def open_run(target: Target | str, args: Iterable[BytesLike] = (), *, input: Inp
     Raises:
         LocalProtocolError: invalid arguments (a NUL byte, a bad URI...).
     """
-    procedure = proc.start_run(target, args, options, collect=False,
-                               has_input=input is not None)
+    procedure = proc.start_run(target, args, options, has_input=input is not None,
+                               stream=True)
     return RunStream(procedure, _answers(input, None))
 
 
