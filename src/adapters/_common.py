@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import stat
+import subprocess
 import threading
 from collections.abc import AsyncIterable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -288,6 +289,8 @@ def spawn(
     sources = (stdin, stdout, stderr)
     if any(src in (0, 1, 2) and src != dst for dst, src in enumerate(sources)):
         raise LocalProtocolError("spawn: a source descriptor must not be another of 0, 1, 2")
+    if _keeps_root():
+        return _spawn_without_root(argv, env, sources, executable or argv[0])
     actions: list[tuple[int, int, int]] = []
     for dst, src in enumerate(sources):
         if src != dst:
@@ -303,6 +306,31 @@ def spawn(
         setsigmask=(),
         setsigdef=_ALL_SIGNALS,
     )
+
+
+def _keeps_root() -> bool:
+    """Whether this process runs unprivileged but keeps root as its real or saved id.
+
+    ``doveadm -u USER`` is in that state.  A program exec'ed from it could
+    take root back (dash sets its effective uid to the real one), so it is
+    started with the effective ids only, as Dovecot 2.4.4+ does
+    ("drop any real root privileges before program execvp()").
+    """
+    uid, gid = os.geteuid(), os.getegid()
+    return (uid != 0 and 0 in os.getresuid()) or (gid != 0 and 0 in os.getresgid())
+
+
+def _spawn_without_root(argv: tuple[bytes, ...], env: Mapping[bytes, bytes],
+                        fds: tuple[int, int, int], executable: bytes) -> int:
+    # posix_spawn cannot change ids in the child; subprocess's fork+exec can
+    # (setregid/setreuid to the effective ids, which an unprivileged
+    # process may do).  It resets the signals Python ignores; the mask of
+    # a Python thread is empty.
+    child = subprocess.Popen(list(argv), executable=executable, env=dict(env),
+                             stdin=fds[0], stdout=fds[1], stderr=fds[2],
+                             user=os.geteuid(), group=os.getegid(), restore_signals=True)
+    child.returncode = 0  # reaped by the caller through a pidfd, not by subprocess
+    return child.pid
 
 
 def exit_result(returncode: int | None, *, killed: bool = False) -> Status:

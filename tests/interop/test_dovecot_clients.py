@@ -542,10 +542,8 @@ sys.exit(0 if result.ok else 1)
 """
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "execproto's fork driver execs with the caller's real root kept, like Dovecot 2.4.0-2.4.3; "
-    "2.4.4+ drop it before exec (PROTOCOL.md 8.1), and a /bin/sh script then runs as root"))
 def test_execproto_fork_driver_uids() -> None:
+    # Real root is dropped before exec, as Dovecot 2.4.4+ does (PROTOCOL.md 8.1).
     if os.geteuid() != 0:
         unavailable("needs root")
     directory = Path(tempfile.mkdtemp(prefix="execproto-fork-"))
