@@ -73,6 +73,7 @@ __all__ = [
     "exit_result",
     "fork_result",
     "input_chunks",
+    "listen_backlog",
     "listener_address",
     "log_bad_header",
     "log_request",
@@ -676,6 +677,21 @@ def bind_listener(spec: Listener, backlog: int = 128) -> tuple[socket.socket, So
     return sock, created
 
 
+def listen_backlog(max_connections: int) -> int:
+    """The listen backlog for a service: room for a burst as large as *max_connections*.
+
+    At least 128 (the old fixed value), at most the kernel's
+    ``net.core.somaxconn``, which caps it anyway: a burst that fits then
+    waits in the backlog instead of meeting EAGAIN (unix) or SYN retries.
+    """
+    try:
+        with open("/proc/sys/net/core/somaxconn") as f:
+            ceiling = int(f.read())
+    except (OSError, ValueError):
+        ceiling = 4096
+    return max(128, min(max_connections, ceiling))
+
+
 class Listeners:
     """A service's listening sockets: bound at once, then root is given up.
 
@@ -696,9 +712,10 @@ class Listeners:
         #: ``(socket, address)`` pairs, non-blocking.
         self.sockets: list[tuple[socket.socket, str | tuple[str, int]]] = []
         self._files: list[SocketFile] = []
+        backlog = listen_backlog(config.max_connections)
         try:
             for spec in specs:
-                sock, socket_file = bind_listener(spec)
+                sock, socket_file = bind_listener(spec, backlog)
                 self.sockets.append((sock, listener_address(sock, spec)))
                 if socket_file is not None:
                     self._files.append(socket_file)
