@@ -380,6 +380,7 @@ class ExecuteSettings:
             from *name* (see :meth:`target`).
         tcp_port: 0 when unset.
         line: where the block starts in its configuration text, if known.
+        file: the file that line is in, if known.
     """
 
     name: str
@@ -390,14 +391,16 @@ class ExecuteSettings:
     tcp_host: str = ""
     tcp_port: int = 0
     line: int | None = None
+    file: str | None = None
 
     def __post_init__(self) -> None:
         if self.driver not in DRIVERS:
             raise ConfigError(
                 f"execute {self.name}: invalid driver {self.driver!r} "
-                f"(expected one of {', '.join(DRIVERS)})", self.line)
+                f"(expected one of {', '.join(DRIVERS)})", self.line, self.file)
         if not 0 <= self.tcp_port <= 65535:
-            raise ConfigError(f"execute {self.name}: invalid tcp_port {self.tcp_port}", self.line)
+            raise ConfigError(f"execute {self.name}: invalid tcp_port {self.tcp_port}",
+                              self.line, self.file)
 
     def target(self, *, base_dir: str = DEFAULT_BASE_DIR) -> Target:
         """Infer the target as Dovecot's ``program_client_settings_check()`` does.
@@ -416,7 +419,7 @@ class ExecuteSettings:
         if self.driver == "fork":
             path = self.fork_path or self.name
             if not path:
-                raise ConfigError("execute: empty fork_path and name", self.line)
+                raise ConfigError("execute: empty fork_path and name", self.line, self.file)
             return ForkTarget(path)
         host, port = self.tcp_host, self.tcp_port
         if not host and self.name:
@@ -425,10 +428,10 @@ class ExecuteSettings:
             except ConfigError:
                 raise ConfigError(
                     f"Failed to parse execute_tcp_host:port from execute_name={self.name}",
-                    self.line) from None
+                    self.line, self.file) from None
         if port == 0:
             raise ConfigError(
-                "execute_tcp_port must not be 0 with execute_driver=tcp", self.line)
+                "execute_tcp_port must not be 0 with execute_driver=tcp", self.line, self.file)
         return TcpTarget(host, port)
 
     def expand_args(
@@ -438,4 +441,5 @@ class ExecuteSettings:
         try:
             return expand_args(self.args, variables, split_first=split_first)
         except ConfigError as exc:
-            raise ConfigError(f"execute {self.name}: args: {exc.message}", self.line) from None
+            raise ConfigError(f"execute {self.name}: args: {exc.reason}", self.line,
+                              self.file) from None
