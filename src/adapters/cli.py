@@ -124,15 +124,30 @@ def _read_text(path: str) -> str:
 
 
 class _FileLoader:
-    """Includes and ``<file`` values with Dovecot's rules (config-parser.c)."""
+    """Includes and ``<file`` values with Dovecot's rules (config-parser.c).
+
+    A relative path is relative to the including file's directory; a pattern
+    is a glob(3) pattern with braces, its matches read in sorted order; an
+    ``!include`` without match is an error, an ``!include_try`` is not.
+    *root* is prepended to every path read (a chroot's directory); names in
+    messages stay as Dovecot inside it would write them.
+    """
+
+    def __init__(self, root: str = "") -> None:
+        self.root = root.rstrip("/")
+
+    def _real(self, name: str) -> str:
+        return self.root + name if self.root and name.startswith("/") else name
 
     def include(self, pattern: str, parent: str, optional: bool) -> list[tuple[str, str]]:
         full = _relative_to(pattern, parent)
         matches: list[str] = []
         for one in _brace_expand(full):
-            found = glob.glob(one) if glob.has_magic(one) else (
-                [one] if os.path.lexists(one) else [])
-            matches.extend(sorted(found))
+            real = self._real(one)
+            found = glob.glob(real) if glob.has_magic(real) else (
+                [real] if os.path.lexists(real) else [])
+            matches.extend(name[len(self.root):] if real != one else name
+                           for name in sorted(found))
         if not matches:
             if optional:
                 return []
@@ -140,7 +155,7 @@ class _FileLoader:
         files = []
         for name in matches:
             try:
-                files.append((name, _read_text(name)))
+                files.append((name, _read_text(self._real(name))))
             except OSError as exc:
                 if not optional:
                     raise ConfigError(
@@ -150,7 +165,7 @@ class _FileLoader:
     def read(self, path: str, parent: str) -> str:
         full = _relative_to(path, parent)
         try:
-            return _read_text(full)
+            return _read_text(self._real(full))
         except OSError as exc:
             raise ConfigError(f"Can't open file {full}: {exc.strerror}") from None
 

@@ -438,14 +438,14 @@ def execute_settings(section: ConfigSection) -> ExecuteSettings:
 
 #: Dovecot 2.4 settings that a named filter's key stands for inside another
 #: filter (``quota "x" { warning w { } }`` is ``quota_warning w``).
-_PREFIXED_FILTERS = frozenset({"quota_warning", "quota_over_status"})
+_PREFIXED_FILTERS = frozenset({"quota_warning"})
 
 
 def filter_kind(section: ConfigSection) -> str:
     """The section's type as ``doveconf -n`` prints it (Dovecot 2.4's prefixing).
 
-    Inside a filter ``quota``, ``warning`` is ``quota_warning`` and
-    ``over_status`` is ``quota_over_status``; other types are unchanged.
+    Inside a filter ``quota``, ``warning`` is ``quota_warning`` (doveconf
+    2.4 accepts no other short form there); other types are unchanged.
     """
     parent = section.parent
     while parent is not None and parent.kind:
@@ -793,6 +793,20 @@ def _grouped(sections: list[ConfigSection], kinds: Sequence[str]) -> list[Config
     return [_merged(group) for group in groups.values()]
 
 
+def _addresses(text: str) -> list[str]:
+    """Split an address list on commas and blanks, as Dovecot does."""
+    return [a for a in re.split(r"[,\s]+", text) if a]
+
+
+def _listener_get(listener: ConfigSection, key: str) -> str | None:
+    """A listener's setting, also in 2.4's long form (``unix_listener_mode``)."""
+    long_key = f"{listener.kind}_{key}"
+    for k, _, _ in reversed(listener.settings):
+        if k in (key, long_key):
+            return listener.get(k)
+    return None
+
+
 def find_service(root: ConfigSection, name: str, *, base_dir: str | None = None) -> ServiceSettings:
     """Read the script service *name* from a parsed dovecot.conf.
 
@@ -802,15 +816,15 @@ def find_service(root: ConfigSection, name: str, *, base_dir: str | None = None)
     (the 2.4 documentation's spelling), which must run ``script``.  Unix
     listener paths are relative to *base_dir* (default: the config's
     ``base_dir`` setting, else :data:`DEFAULT_BASE_DIR`).  An
-    ``inet_listener`` without ``address`` listens on the top-level ``listen``
-    addresses (default ``*, ::``).
+    ``inet_listener`` listens on its ``address`` (2.3) or ``listen`` (2.4),
+    else the service's or the top-level ``listen`` (default ``*, ::``).
 
     Raises:
         ConfigError: no such service, no script command, or a bad listener;
             with the file and line of the block or setting at fault.
     """
     base = base_dir or root.get("base_dir") or DEFAULT_BASE_DIR
-    listen = [a.strip() for a in (root.get("listen") or "*, ::").split(",") if a.strip()]
+    listen = _addresses(root.get("listen") or "*, ::")
     blocks = [s for s in root.sections if s.kind == "service" and s.name == name]
     if not blocks:
         raise ConfigError(f"no service {name} {{ .. }} block found")
@@ -833,20 +847,22 @@ def find_service(root: ConfigSection, name: str, *, base_dir: str | None = None)
     inet: list[tuple[str, int]] = []
     for sub in _grouped(section.sections, ("unix_listener", "inet_listener")):
         if sub.kind == "unix_listener":
-            path = sub.get("path") or sub.name
+            path = _listener_get(sub, "path") or sub.name
             if not path:
                 raise _err("unix_listener without a path", sub)
-            mode_text = sub.get("mode") or "0600"
+            mode_text = _listener_get(sub, "mode") or "0600"
             if not all(c in "01234567" for c in mode_text) or len(mode_text) > 4:
                 raise _err(f"invalid unix_listener mode {mode_text!r}", sub)
             unix.append((path if path.startswith("/") else f"{base}/{path}",
                          int(mode_text, 8)))
         else:
-            port_text = sub.get("port") or ""
+            port_text = _listener_get(sub, "port") or ""
             if not _PORT.fullmatch(port_text) or not 0 < int(port_text) <= 65535:
                 raise _err(f"invalid inet_listener port {port_text!r}", sub)
-            addresses = sub.get("address")
-            hosts = [a.strip() for a in addresses.split(",")] if addresses else listen
+            # 2.3: address; 2.4: listen, inherited from the service and the top.
+            addresses = (_listener_get(sub, "address") or _listener_get(sub, "listen")
+                         or section.get("listen"))
+            hosts = _addresses(addresses) if addresses else listen
             inet.extend((h, int(port_text)) for h in hosts if h)
     return ServiceSettings(name, command, tuple(unix), tuple(inet), section.line,
                            section.file or None)
