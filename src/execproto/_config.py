@@ -649,26 +649,33 @@ def legacy_target(text: str, name: str, line: int, file: str | None,
 
 
 def _legacy(root: ConfigSection) -> list[tuple[list[str], str, ExecuteSettings]]:
-    found: list[tuple[list[str], str, ExecuteSettings]] = []
+    # plugin { } blocks at one place merge: the last value of a key wins.
+    last: dict[tuple[tuple[str, ...], str], tuple[ConfigSection, int]] = {}
     for plugin in root.walk():
         if plugin.kind != "plugin":
             continue
-        for index, (key, value, line) in enumerate(plugin.settings):
-            words = [w for w in value.split(" ") if w]
-            if _QUOTA_WARNING.fullmatch(key):
-                words = words[1:]  # the rule: storage=95%%, -messages=10...
-            elif key != "welcome_script":
-                continue
-            if not words:
-                continue
-            file = plugin._origin(index)[0] or None
-            labels = [_label(s) for s in plugin.path()] + [key]
-            where = f"{file} line {line}" if file else f"line {line}"
-            try:
-                settings = legacy_target(words[0], words[0], line, file, " ".join(words[1:]))
-            except ConfigError:
-                continue
-            found.append((labels, f"{' / '.join(labels)} ({where})", settings))
+        chain = tuple(_label(s) for s in plugin.path())
+        for index, (key, _, _) in enumerate(plugin.settings):
+            last.pop((chain, key), None)  # keep the order of the winning value
+            last[(chain, key)] = (plugin, index)
+    found: list[tuple[list[str], str, ExecuteSettings]] = []
+    for (chain, key), (plugin, index) in last.items():
+        _, value, line = plugin.settings[index]
+        words = [w for w in value.split(" ") if w]
+        if _QUOTA_WARNING.fullmatch(key):
+            words = words[1:]  # the rule: storage=95%%, -messages=10...
+        elif key != "welcome_script":
+            continue
+        if not words:
+            continue
+        file = plugin._origin(index)[0] or None
+        labels = [*chain, key]
+        where = f"{file} line {line}" if file else f"line {line}"
+        try:
+            settings = legacy_target(words[0], words[0], line, file, " ".join(words[1:]))
+        except ConfigError:
+            continue
+        found.append((labels, f"{' / '.join(labels)} ({where})", settings))
     return found
 
 

@@ -318,7 +318,9 @@ def _service_values(root: ConfigSection, names: set[str]) -> dict[str, object]:
         except ConfigError as exc:
             values[name] = exc.reason
         else:
-            values[name] = (service.command, service.unix_listeners, service.inet_listeners)
+            # doveconf -n prints listeners sorted by name: compare them as sets.
+            values[name] = (service.command, sorted(service.unix_listeners),
+                            sorted(service.inet_listeners))
     return values
 
 

@@ -68,6 +68,15 @@ SEMANTIC: list[tuple[re.Pattern[str], str]] = [
      "a metric example names an exporter that only another example defines"),
     (re.compile(r"is required to have .* setting"),
      "a named filter lacks a setting Dovecot requires"),
+    (re.compile(r"Conflict in setting"),
+     "doveconf checks that two filters do not both match with different values"),
+    (re.compile(r"duplicate listener"),
+     "doveconf checks that no two services listen on one port; the reader reads one service"),
+    (re.compile(r"not allowed|Section not allowed here"),
+     "doveconf knows which filters may nest; the reader keeps any nesting"),
+    (re.compile(r"Unknown escape sequence"),
+     "from 2.4.4 doveconf accepts only \\\\ and \\\" in quoted text; 2.3 and 2.4.1 take any "
+     "escaped character as itself, and so does the reader"),
 ]
 
 
@@ -146,6 +155,10 @@ def check(doveconf: Doveconf, result: Result) -> str | None:
         return f"KNOWN {name}: {why} ({theirs.reason})"
     if not theirs.accepted:
         assert ours.error is not None
+        why = _reason(theirs)
+        if why is not None and (ours.error.file, ours.error.line) != (theirs.file, theirs.line):
+            return (f"KNOWN {name}: both reject, doveconf first at a meaning error: {why} "
+                    f"({theirs.reason}; execproto: {ours.error.message})")
         # Without a line, doveconf's error comes from checking the whole
         # configuration (a section left open, a bad execute block): then the
         # message itself must be the same.
