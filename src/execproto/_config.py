@@ -439,6 +439,9 @@ def execute_settings(section: ConfigSection) -> ExecuteSettings:
 #: Dovecot 2.4 settings that a named filter's key stands for inside another
 #: filter (``quota "x" { warning w { } }`` is ``quota_warning w``).
 _PREFIXED_FILTERS = frozenset({"quota_warning"})
+#: How many blocks an ambiguity error lists, and how many filters of each.
+_LISTED = 20
+_DEPTH_SHOWN = 8
 
 
 def filter_kind(section: ConfigSection) -> str:
@@ -448,11 +451,8 @@ def filter_kind(section: ConfigSection) -> str:
     2.4 accepts no other short form there); other types are unchanged.
     """
     parent = section.parent
-    while parent is not None and parent.kind:
-        candidate = f"{parent.kind}_{section.kind}"
-        if candidate in _PREFIXED_FILTERS:
-            return candidate
-        parent = parent.parent
+    if parent is not None and f"{parent.kind}_{section.kind}" in _PREFIXED_FILTERS:
+        return f"{parent.kind}_{section.kind}"
     return section.kind
 
 
@@ -469,7 +469,11 @@ def describe_section(section: ConfigSection) -> str:
     For example ``quota "User quota" / quota_warning warn-95 / execute
     quota-warning (conf.d/90-quota.conf line 12)``.
     """
-    chain = " / ".join(_label(s) for s in section.path())
+    path = section.path()
+    # The innermost filters tell blocks apart; a hostile depth stays short.
+    chain = " / ".join(_label(s) for s in path[-_DEPTH_SHOWN:])
+    if len(path) > _DEPTH_SHOWN:
+        chain = ".../ " + chain
     where = f"{section.file} line {section.line}" if section.file else f"line {section.line}"
     return f"{chain} ({where})"
 
@@ -483,6 +487,8 @@ def _matches(section: ConfigSection, selector: str) -> bool:
 
 def _selected(section: ConfigSection, filters: Sequence[str]) -> bool:
     """Every filter matches an enclosing section, in order (outermost first)."""
+    if not filters:
+        return True
     ancestors = section.path()[:-1]
     i = 0
     for selector in filters:
@@ -533,10 +539,13 @@ def find_execute(
         if not candidates and not legacy:
             scope = f" within {' / '.join(filters)}" if filters else ""
             raise ConfigError(f"no execute {name} {{ .. }} block found{scope}")
-        places = [describe_section(c) for c in candidates] + [w for w, _ in legacy]
+        count = len(candidates) + len(legacy)
+        places = [describe_section(c) for c in candidates[:_LISTED]]
+        places += [w for w, _ in legacy[: _LISTED - len(places)]]
+        more = f"; and {count - len(places)} more" if count > len(places) else ""
         raise ConfigError(
-            f"{len(places)} execute {name} {{ .. }} blocks, choose one by its filters: "
-            + "; ".join(places))
+            f"{count} execute {name} {{ .. }} blocks, choose one by its filters: "
+            + "; ".join(places) + more)
     blocks = [s for s in section.sections if s.kind == "execute"]
     if not blocks:
         raise ConfigError("execute { .. } named list filter is missing", section.line or None,
