@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import sys
 import tempfile
 import threading
@@ -48,6 +49,7 @@ from execproto import (
     parse_config,
     parse_hostport,
     parse_target,
+    sieve_programs,
 )
 
 from ._common import (
@@ -233,14 +235,35 @@ def _pick_execute(root: Any, name: str | None, filters: list[str]) -> ExecuteSet
         raise
 
 
+def _pick_sieve(root: Any, extension: str, program: str, base_dir: str) -> ExecuteSettings:
+    """Pigeonhole's choice: the program's socket if it exists, else its binary."""
+    candidates = sieve_programs(root, extension, program)
+    for settings in candidates:
+        target = settings.target(base_dir=base_dir)
+        if isinstance(target, UnixTarget):
+            with contextlib.suppress(OSError):
+                if stat.S_ISSOCK(os.stat(target.path).st_mode):
+                    return settings
+        else:
+            return settings
+    return candidates[0]
+
+
 def _resolve_run_target(ns: argparse.Namespace) -> tuple[Target, list[str]]:
     variables = dict(_pairs(ns.var, "--var"))
+    if ns.sieve and not ns.config:
+        raise UsageError("--sieve needs --config FILE")
+    if ns.sieve and (ns.execute or ns.filter):
+        raise UsageError("--sieve and --execute/--filter exclude each other")
     if ns.config:
         root = _read_config(ns.config)
+        base_dir = ns.base_dir or root.get("base_dir") or DEFAULT_BASE_DIR
         try:
-            settings = _pick_execute(root, ns.execute, ns.filter or [])
-            target = settings.target(base_dir=ns.base_dir or root.get("base_dir")
-                                     or DEFAULT_BASE_DIR)
+            if ns.sieve:
+                settings = _pick_sieve(root, ns.sieve[0], ns.sieve[1], base_dir)
+            else:
+                settings = _pick_execute(root, ns.execute, ns.filter or [])
+            target = settings.target(base_dir=base_dir)
             args = list(settings.expand_args(variables))
         except ConfigError as exc:
             raise _config_error(ns.config, exc) from None
@@ -607,6 +630,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with several blocks of one name: the one inside this filter, by "
                           "name (warn-95), type (quota_warning) or both (repeatable, "
                           "outermost first)")
+    run.add_argument("--sieve", nargs=2, metavar=("EXTENSION", "PROGRAM"),
+                     help="with --config: the program a Sieve script's pipe, filter or "
+                          "execute command runs (sieve_EXTENSION_socket_dir, else _bin_dir)")
     run.add_argument("--var", action="append", metavar="NAME=VALUE",
                      help="value for %%{NAME} in the config's args (repeatable)")
     run.add_argument("--base-dir", metavar="DIR",

@@ -36,6 +36,7 @@ from ._config import (
     list_executes,
     parse_config,
     parse_script_command,
+    sieve_programs,
 )
 from ._dot import DotDecoder, DotEncoder
 from ._errors import ConfigError, LocalProtocolError, ProtocolError, RemoteProtocolError
@@ -136,6 +137,7 @@ __all__ = [
     "parse_script_command",
     "parse_target",
     "service_argv",
+    "sieve_programs",
     "tab_escape",
     "tab_unescape",
 ]

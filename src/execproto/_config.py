@@ -20,6 +20,7 @@ from ._settings import DEFAULT_BASE_DIR, ExecuteSettings, parse_hostport
 
 __all__ = [
     "MAX_INCLUDE_DEPTH",
+    "SIEVE_EXTENSIONS",
     "ConfigLoader",
     "ConfigSection",
     "ScriptCommand",
@@ -35,6 +36,7 @@ __all__ = [
     "list_executes",
     "parse_config",
     "parse_script_command",
+    "sieve_programs",
 ]
 
 _PORT = re.compile(r"[0-9]{1,5}")
@@ -711,6 +713,57 @@ def _legacy_selected(labels: list[str], filters: Sequence[str]) -> bool:
             return False
         i += 1
     return True
+
+
+#: The Pigeonhole extprograms extensions: vnd.dovecot.pipe, .filter, .execute.
+SIEVE_EXTENSIONS = ("pipe", "filter", "execute")
+
+
+def _top_setting(root: ConfigSection, key: str) -> tuple[str, int, str | None] | None:
+    """A top-level setting (2.4), else the last in a top-level ``plugin { }`` (2.3)."""
+    for section in [root, *reversed([s for s in root.sections if s.kind == "plugin"])]:
+        where = section.where(key)
+        if where is not None:
+            return section.get(key) or "", where[1], where[0] or None
+    return None
+
+
+def sieve_programs(root: ConfigSection, extension: str, program: str) -> list[ExecuteSettings]:
+    """Where Pigeonhole runs *program* for ``vnd.dovecot.EXTENSION`` (pipe, filter, execute).
+
+    Reads ``sieve_EXTENSION_socket_dir`` and ``sieve_EXTENSION_bin_dir``
+    (top level in 2.4, ``plugin { }`` in 2.3).  Returns the candidates in
+    Pigeonhole's order: the unix socket ``BASE_DIR/SOCKET_DIR/PROGRAM``
+    (relative to base_dir: Pigeonhole joins even an absolute socket_dir to
+    it), used when that socket exists, then the program ``BIN_DIR/PROGRAM``
+    run by fork.
+
+    Raises:
+        ConfigError: an unknown extension, a program name with ``/``, or
+            neither directory set (Pigeonhole: "extension is unconfigured").
+    """
+    if extension not in SIEVE_EXTENSIONS:
+        raise ConfigError(f"unknown sieve extension {extension!r} "
+                          f"(expected one of {', '.join(SIEVE_EXTENSIONS)})")
+    if not program or "/" in program:
+        raise ConfigError(f"invalid sieve program name {program!r}")
+    found: list[ExecuteSettings] = []
+    socket_dir = _top_setting(root, f"sieve_{extension}_socket_dir")
+    if socket_dir is not None and socket_dir[0]:
+        value, line, file = socket_dir
+        found.append(ExecuteSettings(name=program,
+                                     unix_socket_path=f"{value.lstrip('/')}/{program}",
+                                     line=line, file=file))
+    bin_dir = _top_setting(root, f"sieve_{extension}_bin_dir")
+    if bin_dir is not None and bin_dir[0]:
+        value, line, file = bin_dir
+        found.append(ExecuteSettings(name=program, driver="fork",
+                                     fork_path=f"{value}/{program}", line=line, file=file))
+    if not found:
+        raise ConfigError(f"vnd.dovecot.{extension} extension is unconfigured (both "
+                          f"sieve_{extension}_bin_dir and sieve_{extension}_socket_dir "
+                          "are not set)")
+    return found
 
 
 @dataclass(frozen=True, slots=True)

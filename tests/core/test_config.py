@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from execproto import (
     ConfigError,
     ConfigSection,
     ExecuteSettings,
+    ForkTarget,
     LocalProtocolError,
     ScriptCommand,
     ServiceSettings,
@@ -22,6 +25,7 @@ from execproto import (
     list_executes,
     parse_config,
     parse_script_command,
+    sieve_programs,
 )
 
 WELCOME = """\
@@ -941,3 +945,39 @@ def test_deep_nesting_with_execute_blocks_is_not_quadratic() -> None:
     assert ".../ execute x / execute x / execute x / execute x / execute x / execute x / " \
         "execute x / execute x (line 20)" in info.value.message
     assert len(info.value.message) < 5000
+
+
+# --- Pigeonhole extprograms ---------------------------------------------------------------------
+
+
+def test_sieve_programs_2_3_and_2_4() -> None:
+    old = parse_config("plugin {\n  sieve_pipe_socket_dir = sieve-pipe\n"
+                       "  sieve_pipe_bin_dir = /usr/lib/dovecot/sieve-pipe\n}\n")
+    new = parse_config("sieve_pipe_socket_dir = sieve-pipe\n"
+                       "sieve_pipe_bin_dir = /usr/lib/dovecot/sieve-pipe\n")
+    for root in (old, new):
+        socket, binary = sieve_programs(root, "pipe", "do-something")
+        assert socket.target(base_dir="/run/dovecot") == UnixTarget(
+            "/run/dovecot/sieve-pipe/do-something")
+        assert binary.target() == ForkTarget("/usr/lib/dovecot/sieve-pipe/do-something")
+
+
+def test_sieve_programs_absolute_socket_dir_is_under_base_dir() -> None:
+    root = parse_config("sieve_execute_socket_dir = /abs\n")
+    (socket,) = sieve_programs(root, "execute", "p")
+    assert socket.target(base_dir="/run/dovecot") == UnixTarget("/run/dovecot/abs/p")
+
+
+@pytest.mark.parametrize(
+    ("extension", "program", "message"),
+    [
+        ("pipe", "p", "vnd.dovecot.pipe extension is unconfigured"),
+        ("fork", "p", "unknown sieve extension 'fork'"),
+        ("pipe", "../p", "invalid sieve program name '../p'"),
+        ("pipe", "", "invalid sieve program name ''"),
+    ],
+)
+def test_sieve_programs_errors(extension: str, program: str, message: str) -> None:
+    root = parse_config("sieve_filter_bin_dir = /x\n")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        sieve_programs(root, extension, program)

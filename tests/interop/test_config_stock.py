@@ -115,3 +115,35 @@ def test_error_names_the_included_file(doveconf: Doveconf, tree: Path) -> None:
     assert done.returncode == EX_USAGE
     assert done.stderr.decode() == (
         f"execproto serve: {mailboxes} line {number}: Garbage after '{{'\n")
+
+
+def test_sieve_pipe_program(doveconf: Doveconf, tmp_path: Path) -> None:
+    """The extprograms example: serve do-something, run it as a Sieve pipe would."""
+    copy = tmp_path / "dovecot"
+    shutil.copytree(doveconf.real(doveconf.stock()), copy, symlinks=True)
+    extprograms = copy / "conf.d" / "90-sieve-extprograms.conf"
+    _enable(extprograms, "service do-something")
+    extprograms.write_text(re.sub(r"(?m)^(\s*)#(sieve_pipe_socket_dir = )", r"\1\2",
+                                  extprograms.read_text()))
+    probe = write_probe(tmp_path / "probe")
+    records = tmp_path / "records"
+    records.mkdir()
+    base = tmp_path / "run"
+    (base / "sieve-pipe").mkdir(parents=True)
+    config = str(copy / "dovecot.conf")
+    serve = ServeProcess(["--config", config, "--service", "do-something", "--base-dir",
+                          str(base), str(probe), str(records), "raw"], tmp_path / "serve.log")
+    with serve:
+        assert serve.addresses == [str(base / "sieve-pipe" / "do-something")], serve.log()
+        done = cli("run", "--config", config, "--sieve", "pipe", "do-something",
+                   "--base-dir", str(base), "--env", "USER=frank", "action", "arg",
+                   input=b"message\n")
+        assert done.returncode == 0, done.stderr
+    assert serve.stop() == 0
+    (record,) = read_records(records)
+    assert record["argv"][3:] == ["action", "arg"]
+    assert record["stdin"] == "message\n"
+    # The filter extension is not configured in the example.
+    done = cli("run", "--config", config, "--sieve", "filter", "do-something", "--no-input")
+    assert done.returncode == EX_USAGE
+    assert b"vnd.dovecot.filter extension is unconfigured" in done.stderr
