@@ -29,7 +29,6 @@ from execproto import (
     list_executes,
     parse_config,
 )
-from execproto._config import describe_section
 from execproto.adapters.cli import _FileLoader
 
 __all__ = [
@@ -38,6 +37,7 @@ __all__ = [
     "VERSIONS",
     "Case",
     "Doveconf",
+    "Observed",
     "Outcome",
     "Verdict",
     "doveconf_for",
@@ -348,8 +348,16 @@ def parse_printed(output: str, doveconf: Doveconf, name: str) -> ConfigSection:
     return parse_config(output, loader=loader_for(doveconf), name=name)
 
 
-def observed(root: ConfigSection, services: set[str] | None = None) -> dict[str, object]:
+@dataclass(frozen=True)
+class Observed:
     """The values execproto reads from a tree: script services and execute blocks."""
+
+    services: dict[str, object]
+    executes: list[tuple[str, object]]
+
+
+def observed(root: ConfigSection, services: set[str] | None = None) -> Observed:
+    """What execproto reads from *root* (for the script services named, default: all)."""
     if services is None:
         services = set()
         for section in root.sections:
@@ -358,9 +366,4 @@ def observed(root: ConfigSection, services: set[str] | None = None) -> dict[str,
                 words = command.split()
                 if words and words[0].rsplit("/", 1)[-1] == "script":
                     services.add(section.name)
-    return {"services": _service_values(root, services), "executes": _execute_values(root)}
-
-
-def describe(section: ConfigSection) -> str:
-    """Re-exported for messages."""
-    return describe_section(section)
+    return Observed(_service_values(root, services), _execute_values(root))

@@ -173,7 +173,7 @@ def check(doveconf: Doveconf, result: Result) -> str | None:
         drop_default_listeners(ours.root)
     mine = observed(ours.root)
     printed = parse_printed(theirs.output, doveconf, result.path)
-    seen = observed(printed, set(mine["services"]))  # type: ignore[arg-type]
+    seen = observed(printed, set(mine.services))
     if mine != seen:
         return f"FAIL {name}: values differ:\n  execproto: {mine}\n  doveconf:  {seen}"
     return None
