@@ -90,7 +90,10 @@ def _pairs(values: Sequence[str] | None, what: str) -> list[tuple[str, str]]:
 
 
 def _brace_expand(pattern: str) -> list[str]:
-    """glob(3)'s GLOB_BRACE: ``a{b,c}d`` is ``abd`` and ``acd`` (nesting allowed)."""
+    """glob(3)'s GLOB_BRACE: ``a{b,c}d`` is ``abd`` and ``acd`` (nesting allowed).
+
+    As glibc, ``{x}`` is ``x``; an unclosed ``{`` is kept as written.
+    """
     depth, start = 0, -1
     for i, c in enumerate(pattern):
         if c == "{":
@@ -107,8 +110,6 @@ def _brace_expand(pattern: str) -> list[str]:
                         parts.append(body[last:j])
                         last = j + 1
                 parts.append(body[last:])
-                if len(parts) == 1:
-                    continue
                 return [expanded for part in parts
                         for expanded in _brace_expand(pattern[:start] + part + pattern[i + 1 :])]
     return [pattern]
