@@ -252,8 +252,8 @@ def _pick_sieve(root: Any, extension: str, program: str, base_dir: str) -> Execu
 
 def _resolve_run_target(ns: argparse.Namespace) -> tuple[Target, list[str]]:
     variables = dict(_pairs(ns.var, "--var"))
-    if ns.sieve and not ns.config:
-        raise UsageError("--sieve needs --config FILE")
+    if not ns.config and (ns.sieve or ns.execute or ns.filter):
+        raise UsageError("--execute, --filter and --sieve need --config FILE")
     if ns.sieve and (ns.execute or ns.filter):
         raise UsageError("--sieve and --execute/--filter exclude each other")
     if ns.config:

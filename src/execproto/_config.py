@@ -876,6 +876,15 @@ def _listener_get(listener: ConfigSection, key: str) -> str | None:
     return None
 
 
+def _runs_script(service: ConfigSection) -> bool:
+    """Whether a service block's (plain) executable is Dovecot's ``script``."""
+    for key, value, _ in reversed(service.settings):
+        if key in ("executable", "execute"):
+            words = value.split()
+            return bool(words) and words[0].rsplit("/", 1)[-1] == "script"
+    return False
+
+
 def find_service(root: ConfigSection, name: str, *, base_dir: str | None = None) -> ServiceSettings:
     """Read the script service *name* from a parsed dovecot.conf.
 
@@ -896,7 +905,10 @@ def find_service(root: ConfigSection, name: str, *, base_dir: str | None = None)
     listen = _addresses(root.get("listen") or "*, ::")
     blocks = [s for s in root.sections if s.kind == "service" and s.name == name]
     if not blocks:
-        raise ConfigError(f"no service {name} {{ .. }} block found")
+        names = sorted({s.name for s in root.sections if s.kind == "service"
+                        and _runs_script(s)})
+        known = f" (script services here: {', '.join(names)})" if names else ""
+        raise ConfigError(f"no service {name} {{ .. }} block found{known}")
     section = _merged(blocks)
     key = "executable" if section.where("executable") else "execute"
     where = section.where(key)

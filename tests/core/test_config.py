@@ -603,7 +603,8 @@ LISTENER = "service s {\n  executable = script /x\n  %s\n  }\n}\n"
 @pytest.mark.parametrize(
     ("text", "name", "message"),
     [
-        (SERVICES, "nosuch", "no service nosuch { .. } block found"),
+        (SERVICES, "nosuch",
+         "no service nosuch { .. } block found (script services here: doc, test-script-service)"),
         (SERVICES, "empty", "line 25: service empty: no 'executable = script ...' setting"),
         (
             SERVICES,
@@ -981,3 +982,13 @@ def test_sieve_programs_errors(extension: str, program: str, message: str) -> No
     root = parse_config("sieve_filter_bin_dir = /x\n")
     with pytest.raises(ConfigError, match=re.escape(message)):
         sieve_programs(root, extension, program)
+
+
+def test_missing_service_lists_script_services() -> None:
+    root = parse_config("service a {\n  executable = /usr/libexec/dovecot/script /a\n}\n"
+                        "service imap {\n  executable = imap\n}\nservice b {\n"
+                        "  executable = script /b\n}\n")
+    with pytest.raises(ConfigError) as info:
+        find_service(root, "quota-warning")
+    assert info.value.message == (
+        "no service quota-warning { .. } block found (script services here: a, b)")

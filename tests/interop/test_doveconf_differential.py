@@ -162,9 +162,11 @@ def check(doveconf: Doveconf, result: Result) -> str | None:
         # Without a line, doveconf's error comes from checking the whole
         # configuration (a section left open, a bad execute block): then the
         # message itself must be the same.
-        if (ours.error.file, ours.error.line) != (theirs.file, theirs.line) and not (
-                theirs.line is None and (theirs.reason.startswith("Missing '}'")
-                                         or theirs.reason == ours.error.reason)):
+        if theirs.line is None:
+            same = theirs.reason == ours.error.reason
+        else:
+            same = (ours.error.file, ours.error.line) == (theirs.file, theirs.line)
+        if not same:
             return (f"FAIL {name}: execproto says {ours.error.message!r}, "
                     f"doveconf {theirs.error!r}")
         return None
