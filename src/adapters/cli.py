@@ -222,6 +222,9 @@ def _pick_execute(root: Any, name: str | None, filters: list[str]) -> ExecuteSet
     if name is None:
         everything = list_executes(root)
         names = sorted({s.name for _, s in everything if isinstance(s, ExecuteSettings)})
+        if not everything:
+            raise ConfigError("no execute { .. } block (nor 2.3 quota_warning or "
+                              "welcome_script setting) found")
         if len(names) != 1:
             listed = "; ".join(where for where, _ in everything) or "none"
             raise ConfigError(f"{len(everything)} execute blocks, choose one with --execute "
@@ -258,8 +261,8 @@ def _resolve_run_target(ns: argparse.Namespace) -> tuple[Target, list[str]]:
         raise UsageError("--sieve and --execute/--filter exclude each other")
     if ns.config:
         root = _read_config(ns.config)
-        base_dir = ns.base_dir or root.get("base_dir") or DEFAULT_BASE_DIR
         try:
+            base_dir = ns.base_dir or root.get("base_dir") or DEFAULT_BASE_DIR
             if ns.sieve:
                 settings = _pick_sieve(root, ns.sieve[0], ns.sieve[1], base_dir)
             else:
