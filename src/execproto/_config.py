@@ -171,10 +171,18 @@ def _is_space(c: str) -> bool:
     return c in " \t\r\n\v\f"
 
 
-def _str_unescape(text: str) -> str:
-    """Dovecot's str_unescape(): a backslash keeps the next character as is."""
+def _str_unescape(text: str, strict: bool = False) -> str:
+    """Dovecot's str_unescape(): a backslash keeps the next character as is.
+
+    *strict*: Dovecot 2.4.4's config_str_unescape(), which knows only
+    ``\\\\`` and ``\\"`` (raises ConfigError for any other escape).
+    """
     if "\\" not in text:
         return text
+    if strict:
+        for m in re.finditer(r"\\(.?)", text, re.DOTALL):
+            if m.group(1) not in ("\\", '"'):
+                raise ConfigError(f"Unknown escape sequence \\{m.group(1)}")
     out: list[str] = []
     i = 0
     while i < len(text):
@@ -225,7 +233,7 @@ class _Input:
 MAX_INCLUDE_DEPTH = 100
 
 
-def _parse_line(line: str) -> tuple[str, str, str, bool]:
+def _parse_line(line: str, strict: bool = False) -> tuple[str, str, str, bool]:
     """One logical line: ``(type, key, value, quoted)``.
 
     Types: ``set`` (key = value), ``file`` (key = <path), ``begin``
@@ -243,7 +251,7 @@ def _parse_line(line: str) -> tuple[str, str, str, bool]:
                 break
             else:
                 i += 1
-        key = line[1:i]
+        key = _str_unescape(line[1:i], True) if strict else line[1:i]
         i += 1
     else:
         i = 0
@@ -260,7 +268,7 @@ def _parse_line(line: str) -> tuple[str, str, str, bool]:
         if value.startswith("<"):
             return "file", key, value[1:].lstrip(_WHITE), False
         if value[:1] in ('"', "'") and len(value) >= 1 and value[-1] == value[0]:
-            return "set", key, _str_unescape(value[1:-1]), True
+            return "set", key, _str_unescape(value[1:-1], strict), True
         return "set", key, value, False
     if key == "}" and not rest:
         return "end", key, "", False
@@ -277,7 +285,7 @@ def _parse_line(line: str) -> tuple[str, str, str, bool]:
         close = rest.find('"', 1)
         if close < 0:
             return "error", key, "Expecting '{'", False
-        name, quoted = _str_unescape(rest[1:close]), True
+        name, quoted = _str_unescape(rest[1:close], strict), True
         after = rest[close + 1 :].lstrip(_WHITE)
     else:
         j = 0
@@ -297,6 +305,7 @@ def parse_config(
     include: Callable[[str], str] | None = None,
     loader: ConfigLoader | None = None,
     name: str = "",
+    strict_escapes: bool = False,
 ) -> ConfigSection:
     """Parse dovecot.conf *text* into a tree of sections, as Dovecot's config-parser.c.
 
@@ -318,6 +327,10 @@ def parse_config(
             an error.
         name: the file name of *text*, for error messages and for the loader
             to resolve relative paths against.
+        strict_escapes: read quoted text as Dovecot 2.4.4 and later do:
+            only ``\\\\`` and ``\\"`` may follow a backslash ("Unknown escape
+            sequence" otherwise; 2.3 and 2.4.1 take any escaped character as
+            itself, the default here).
 
     Raises:
         ConfigError: for any syntax error, with Dovecot's message where it has
@@ -358,7 +371,10 @@ def parse_config(
         if pending:
             line = "".join(pending) + line
             pending.clear()
-        kind, key, value, _ = _parse_line(line)
+        try:
+            kind, key, value, _ = _parse_line(line, strict_escapes)
+        except ConfigError as exc:
+            raise ConfigError(exc.reason, number, file or None) from None
         if kind == "error":
             raise ConfigError(value, number, file or None)
         if kind in ("include", "include_try"):

@@ -992,3 +992,37 @@ def test_missing_service_lists_script_services() -> None:
         find_service(root, "quota-warning")
     assert info.value.message == (
         "no service quota-warning { .. } block found (script services here: a, b)")
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ('a = "x\\\\y \\"q\\""', 'x\\y "q"'),
+        ("a = 'plain'", "plain"),
+        ('s "a\\\\b" {\n}\n', None),
+    ],
+)
+def test_strict_escapes_accept(text: str, value: str | None) -> None:
+    root = parse_config(text, strict_escapes=True)
+    if value is not None:
+        assert root.get("a") == value
+    else:
+        assert root.sections[0].name == "a\\b"
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("x = 1\na = 'it\\'s'\n", "Unknown escape sequence \\'"),
+        ('a = "tab\\t"\n', "Unknown escape sequence \\t"),
+        ('"k\\ey" = v\n', "Unknown escape sequence \\e"),
+        ('s "a\\b" {\n}\n', "Unknown escape sequence \\b"),
+    ],
+)
+def test_strict_escapes_reject(text: str, reason: str) -> None:
+    # Dovecot 2.4.4 and later; 2.3 and 2.4.1 take the character as itself.
+    parse_config(text)
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, strict_escapes=True, name="f.conf")
+    assert (info.value.file, info.value.reason) == ("f.conf", reason)
+    assert info.value.line == text.count("\n", 0, text.index("\\")) + 1

@@ -100,6 +100,12 @@ class Doveconf:
         self.root = root
 
     @property
+    def strict_escapes(self) -> bool:
+        """Dovecot 2.4.4 and later refuse escapes other than ``\\\\`` and ``\\"``."""
+        numbers = tuple(int(n) for n in re.findall(r"[0-9]+", self.version)[:3])
+        return numbers >= (2, 4, 4)
+
+    @property
     def is_24(self) -> bool:
         """Dovecot 2.4's syntax (execute blocks, the version header)."""
         return self.version.startswith("2.4")
@@ -283,7 +289,8 @@ def execproto_verdict(doveconf: Doveconf, path: str) -> Verdict:
     loader = loader_for(doveconf)
     try:
         text = doveconf.real(path).read_bytes().decode("utf-8", "surrogateescape")
-        root = parse_config(text, loader=loader, name=path)
+        root = parse_config(text, loader=loader, name=path,
+                            strict_escapes=doveconf.strict_escapes)
     except ConfigError as exc:
         return Verdict(None, exc)
     if doveconf.is_24:

@@ -74,9 +74,6 @@ SEMANTIC: list[tuple[re.Pattern[str], str]] = [
      "doveconf checks that no two services listen on one port; the reader reads one service"),
     (re.compile(r"not allowed|Section not allowed here"),
      "doveconf knows which filters may nest; the reader keeps any nesting"),
-    (re.compile(r"Unknown escape sequence"),
-     "from 2.4.4 doveconf accepts only \\\\ and \\\" in quoted text; 2.3 and 2.4.1 take any "
-     "escaped character as itself, and so does the reader"),
 ]
 
 
