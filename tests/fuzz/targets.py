@@ -735,9 +735,14 @@ def check_config(text: str, includes: Sequence[str] = (), base_dir: str = "/run/
                 service = core("config", partial(find_service, root, name, base_dir=base))
             except LocalProtocolError:
                 continue
+            try:
+                effective = base or root.get("base_dir") or "/run/dovecot"
+            except LocalProtocolError:
+                effective = "/"
             for path, mode in service.unix_listeners:
-                require(path.startswith("/") and 0 <= mode <= 0o7777,
-                        f"config: listener {path!r} {mode:o}")
+                # Relative paths join base_dir, which may itself be relative.
+                require((path.startswith("/") or not effective.startswith("/"))
+                        and 0 <= mode <= 0o7777, f"config: listener {path!r} {mode:o}")
             for _, port in service.inet_listeners:
                 require(0 < port <= 65535, f"config: inet port {port}")
     for settings in found[:20]:
