@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import sys
 import tempfile
 import threading
@@ -33,6 +34,7 @@ from execproto import (
     ConfigError,
     Data,
     EndOfInput,
+    ExecuteSettings,
     LocalProtocolError,
     Output,
     Request,
@@ -43,9 +45,11 @@ from execproto import (
     __version__,
     find_execute,
     find_service,
+    list_executes,
     parse_config,
     parse_hostport,
     parse_target,
+    sieve_programs,
 )
 
 from ._common import (
@@ -85,19 +89,102 @@ def _pairs(values: Sequence[str] | None, what: str) -> list[tuple[str, str]]:
     return pairs
 
 
+def _brace_expand(pattern: str) -> list[str]:
+    """glob(3)'s GLOB_BRACE: ``a{b,c}d`` is ``abd`` and ``acd`` (nesting allowed).
+
+    As glibc, ``{x}`` is ``x``; an unclosed ``{`` is kept as written.
+    """
+    depth, start = 0, -1
+    for i, c in enumerate(pattern):
+        if c == "{":
+            if depth == 0:
+                start = i
+            depth += 1
+        elif c == "}" and depth:
+            depth -= 1
+            if depth == 0:
+                body, parts, level, last = pattern[start + 1 : i], [], 0, 0
+                for j, d in enumerate(body):
+                    level += (d == "{") - (d == "}")
+                    if d == "," and level == 0:
+                        parts.append(body[last:j])
+                        last = j + 1
+                parts.append(body[last:])
+                return [expanded for part in parts
+                        for expanded in _brace_expand(pattern[:start] + part + pattern[i + 1 :])]
+    return [pattern]
+
+
+def _relative_to(path: str, parent: str) -> str:
+    """Dovecot's fix_relative_path(): relative to the including file's directory."""
+    if path.startswith("/") or "/" not in parent:
+        return path
+    return parent.rsplit("/", 1)[0] + "/" + path
+
+
+def _read_text(path: str) -> str:
+    return Path(path).read_bytes().decode("utf-8", "surrogateescape")
+
+
+class _FileLoader:
+    """Includes and ``<file`` values with Dovecot's rules (config-parser.c).
+
+    A relative path is relative to the including file's directory; a pattern
+    is a glob(3) pattern with braces, its matches read in sorted order; an
+    ``!include`` without match is an error, an ``!include_try`` is not.
+    *root* is prepended to every path read (a chroot's directory); names in
+    messages stay as Dovecot inside it would write them.
+    """
+
+    def __init__(self, root: str = "") -> None:
+        self.root = root.rstrip("/")
+
+    def _real(self, name: str) -> str:
+        return self.root + name if self.root and name.startswith("/") else name
+
+    def include(self, pattern: str, parent: str, optional: bool) -> list[tuple[str, str]]:
+        full = _relative_to(pattern, parent)
+        matches: list[str] = []
+        for one in _brace_expand(full):
+            real = self._real(one)
+            found = glob.glob(real) if glob.has_magic(real) else (
+                [real] if os.path.lexists(real) else [])
+            matches.extend(name[len(self.root):] if real != one else name
+                           for name in sorted(found))
+        if not matches:
+            if optional:
+                return []
+            raise ConfigError("No matches")
+        files = []
+        for name in matches:
+            try:
+                files.append((name, _read_text(self._real(name))))
+            except OSError as exc:
+                if not optional:
+                    raise ConfigError(
+                        f"Couldn't open include file {name}: {exc.strerror}") from None
+        return files
+
+    def read(self, path: str, parent: str) -> str:
+        full = _relative_to(path, parent)
+        try:
+            return _read_text(self._real(full))
+        except OSError as exc:
+            raise ConfigError(f"Can't open file {full}: {exc.strerror}") from None
+
+
+def _config_error(path: str, exc: ConfigError) -> UsageError:
+    """One line naming the file the error is in (the included one if so)."""
+    return UsageError(exc.message if exc.file else f"{path}: {exc.message}")
+
+
 def _read_config(path: str) -> Any:
-    base = Path(path).parent
-
-    def include(name: str) -> str:
-        pattern = name if os.path.isabs(name) else str(base / name)
-        return "\n".join(Path(p).read_text() for p in sorted(glob.glob(pattern)))
-
     try:
-        return parse_config(Path(path).read_text(), include=include)
+        return parse_config(_read_text(path), loader=_FileLoader(), name=path)
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror}") from None
     except ConfigError as exc:
-        raise UsageError(f"{path}: {exc.message}") from None
+        raise _config_error(path, exc) from None
 
 
 def _call_flavour(adapter: str, name: str, /, *args: Any, **kwargs: Any) -> Any:
@@ -122,17 +209,68 @@ def _call_flavour(adapter: str, name: str, /, *args: Any, **kwargs: Any) -> Any:
 # --- run -------------------------------------------------------------------------
 
 
+def _pick_execute(root: Any, name: str | None, filters: list[str]) -> ExecuteSettings:
+    """The execute block ``run --config`` uses.
+
+    With --execute NAME: the block of that name anywhere (2.4 named filters,
+    2.3 plugin settings), --filter choosing among several.  Without it:
+    Dovecot's rule at top level when there are top-level blocks, else the
+    one block of the file.
+    """
+    if name is None and not filters and any(s.kind == "execute" for s in root.sections):
+        return find_execute(root)
+    if name is None:
+        everything = list_executes(root)
+        names = sorted({s.name for _, s in everything if isinstance(s, ExecuteSettings)})
+        if not everything:
+            raise ConfigError("no execute { .. } block (nor 2.3 quota_warning or "
+                              "welcome_script setting) found")
+        if len(names) != 1:
+            listed = "; ".join(where for where, _ in everything) or "none"
+            raise ConfigError(f"{len(everything)} execute blocks, choose one with --execute "
+                              f"NAME (and --filter): {listed}")
+        name = names[0]
+    try:
+        return find_execute(root, name, filters=filters)
+    except ConfigError as exc:
+        if "choose one by its filters" in exc.message:
+            raise ConfigError(exc.message.replace("choose one by its filters",
+                                                  "choose one with --filter")) from None
+        raise
+
+
+def _pick_sieve(root: Any, extension: str, program: str, base_dir: str) -> ExecuteSettings:
+    """Pigeonhole's choice: the program's socket if it exists, else its binary."""
+    candidates = sieve_programs(root, extension, program)
+    for settings in candidates:
+        target = settings.target(base_dir=base_dir)
+        if isinstance(target, UnixTarget):
+            with contextlib.suppress(OSError):
+                if stat.S_ISSOCK(os.stat(target.path).st_mode):
+                    return settings
+        else:
+            return settings
+    return candidates[0]
+
+
 def _resolve_run_target(ns: argparse.Namespace) -> tuple[Target, list[str]]:
     variables = dict(_pairs(ns.var, "--var"))
+    if not ns.config and (ns.sieve or ns.execute or ns.filter):
+        raise UsageError("--execute, --filter and --sieve need --config FILE")
+    if ns.sieve and (ns.execute or ns.filter):
+        raise UsageError("--sieve and --execute/--filter exclude each other")
     if ns.config:
         root = _read_config(ns.config)
         try:
-            settings = find_execute(root, ns.execute)
-            target = settings.target(base_dir=ns.base_dir or root.get("base_dir")
-                                     or DEFAULT_BASE_DIR)
+            base_dir = ns.base_dir or root.get("base_dir") or DEFAULT_BASE_DIR
+            if ns.sieve:
+                settings = _pick_sieve(root, ns.sieve[0], ns.sieve[1], base_dir)
+            else:
+                settings = _pick_execute(root, ns.execute, ns.filter or [])
+            target = settings.target(base_dir=base_dir)
             args = list(settings.expand_args(variables))
         except ConfigError as exc:
-            raise UsageError(f"{ns.config}: {exc.message}") from None
+            raise _config_error(ns.config, exc) from None
         extra = ([ns.target] if ns.target else []) + ns.args
         return target, args + extra
     if not ns.target:
@@ -205,7 +343,7 @@ def _serve_settings(ns: argparse.Namespace) -> dict[str, Any]:
         try:
             svc = find_service(root, ns.service, base_dir=ns.base_dir)
         except ConfigError as exc:
-            raise UsageError(f"{ns.config}: {exc.message}") from None
+            raise _config_error(ns.config, exc) from None
         allow.extend(svc.command.env_allowlist)
         passthrough = passthrough or svc.command.passthrough
         if script is None:
@@ -487,10 +625,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("args", nargs=argparse.REMAINDER, metavar="ARG",
                      help="arguments for the script (appended to the config's args)")
     run.add_argument("--config", metavar="FILE",
-                     help="take the target and args from an execute NAME { } block of a "
-                          "dovecot.conf (2.4 syntax)")
+                     help="take the target and args from a dovecot.conf: an execute NAME { } "
+                          "block (2.4) or a plugin quota_warning/welcome_script setting (2.3)")
     run.add_argument("--execute", metavar="NAME",
-                     help="which execute block (default: the only one at top level)")
+                     help="which execute block: the one of that name anywhere, in 2.4 named "
+                          "filters or 2.3 plugin settings (default: the only one)")
+    run.add_argument("--filter", action="append", metavar="FILTER",
+                     help="with several blocks of one name: the one inside this filter, by "
+                          "name (warn-95), type (quota_warning) or both (repeatable, "
+                          "outermost first)")
+    run.add_argument("--sieve", nargs=2, metavar=("EXTENSION", "PROGRAM"),
+                     help="with --config: the program a Sieve script's pipe, filter or "
+                          "execute command runs (sieve_EXTENSION_socket_dir, else _bin_dir)")
     run.add_argument("--var", action="append", metavar="NAME=VALUE",
                      help="value for %%{NAME} in the config's args (repeatable)")
     run.add_argument("--base-dir", metavar="DIR",
