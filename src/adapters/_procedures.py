@@ -458,7 +458,10 @@ def _pump_pipes(in_w: int | None, out_r: int | None, deadline: float | None,
             waiting_write = waiting_read = False
             while in_w is not None:
                 if not pending:
-                    chunk = yield NextInput(_left(deadline))
+                    left = _left(deadline)
+                    if left is not None and left <= 0:
+                        return False  # the child reads as fast as the input comes
+                    chunk = yield NextInput(left)
                     if chunk is None:
                         fds.remove(in_w)
                         os.close(in_w)

@@ -701,7 +701,6 @@ def test_fork_run_timeout_thrown_in_terminates(clock: FakeClock, at: type,
     assert isinstance(last, Wait) and w.for_child(last) and last.timeout == KILL_TIMEOUT
 
 
-@pytest.mark.xfail(strict=True, reason="the fork driver asks for input past its deadline")
 def test_fork_run_timeout_between_input_chunks(clock: FakeClock) -> None:
     # Input that keeps coming, each chunk slower than the last: once the
     # deadline passed no more is asked for, whatever the driver does with
