@@ -870,6 +870,8 @@ def wind_down(jobs: Jobs, config: ServiceConfig) -> Procedure[None]:
         if interrupted is None and len(jobs):
             try:
                 yield WaitJobs(timeout)
+            except GeneratorExit:  # closed by its driver: not a cancellation
+                raise
             except BaseException as exc:
                 interrupted = exc
 
@@ -883,6 +885,8 @@ def wind_down(jobs: Jobs, config: ServiceConfig) -> Procedure[None]:
     while len(jobs):
         try:
             yield WaitJobs(None)
+        except GeneratorExit:
+            raise
         except BaseException as exc:
             interrupted = interrupted or exc
     if interrupted is not None:

@@ -1328,8 +1328,6 @@ def test_wind_down_cancelled_skips_the_waits_and_reraises_at_the_end(
     assert clock.now == 1000.0
 
 
-@pytest.mark.xfail(strict=True, reason="wind_down takes GeneratorExit for a cancellation")
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_wind_down_can_be_closed(
         clock: FakeClock, stop_plan: tuple[_Recorded, list[object], ServiceConfig]) -> None:
     # A driver that drops the plan (its task destroyed) closes the generator:
