@@ -685,6 +685,17 @@ def test_fork_run_timeout_while_output_is_awaited(clock: FakeClock) -> None:
     assert w.child_waits == [term] and term.timeout == KILL_TIMEOUT
 
 
+def test_fork_run_timeout_while_the_caller_takes_the_output(clock: FakeClock) -> None:
+    w = FakeWaiter(clock).on(Deliver, advance_then(clock, 5.0))
+    result = run(w, fork("/bin/sh"), [b"-c", b"echo out; exec sleep 60"], {"timeout": 3.0},
+                 collect=False)
+    assert result == failure(ErrorKind.RUN_TIMEOUT, "execution timed out (> 3.0 s)",
+                             target="fork:/bin/sh", returncode=-signal.SIGTERM)
+    # No wait for more output once the deadline passed: the child is ended.
+    assert w.requests[-2] == Deliver(b"out\n", 3.0)
+    assert w.child_waits == [w.requests[-1]]
+
+
 @pytest.mark.parametrize("at, args", [
     (NextInput, [b"-c", b"exec cat"]),
     (Deliver, [b"-c", b"echo out; exec sleep 60"]),  # still running after its output
@@ -807,6 +818,18 @@ def test_read_header_consumes_a_piece_at_a_time(
         peer.sendall(V + b"-\n\npayload")
         read_header(FakeWaiter(clock), sock, config(logger))
         assert sock.recv(100) == b"payload"
+
+
+def test_read_header_passthrough_reads_nothing(
+        clock: FakeClock, logger: logging.Logger,
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    ours, peer = pair
+    peer.sendall(V + b"-\n\n")
+    w = FakeWaiter(clock)
+    _, request = read_header(w, ours, config(logger, passthrough=True))
+    assert request.passthrough and request.header_size == 0
+    assert w.requests == []
+    assert ours.recv(100) == V + b"-\n\n"  # the script reads the raw request
 
 
 def test_read_header_times_out(clock: FakeClock, logger: logging.Logger,
@@ -939,6 +962,23 @@ def test_run_script_cancelled_kills_and_reaps(
     with pytest.raises(KeyboardInterrupt):
         w.run(procs.run_script(ours, svc, request, cfg, job, Jobs()))
     assert job.pidfd is None and not ours.getblocking()
+
+
+def test_run_script_pidfd_open_failure_reaps_the_script(
+        clock: FakeClock, logger: logging.Logger, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch, pair: tuple[socket.socket, socket.socket]) -> None:
+    def no_pidfd(pid: int, flags: int = 0) -> int:
+        raise oserror(errno.EMFILE)
+
+    ours, peer = pair
+    peer.sendall(V + b"-\n\n")
+    monkeypatch.setattr(os, "pidfd_open", no_pidfd)
+    w = FakeWaiter(clock)
+    job = serve_connection(w, ours, config(logger, b"/bin/sleep", b"60"))
+    # The script was killed and reaped at once (the leak check sees no child).
+    assert job.pidfd is None and not ours.getblocking()
+    assert log_lines(caplog) == [(logging.WARNING, "peer: [Errno 24] Too many open files")]
+    assert w.requests == []
 
 
 def test_the_reply_has_a_time_limit(clock: FakeClock, logger: logging.Logger,
