@@ -26,15 +26,20 @@ Its loop is that of ``_procedures.drive`` with one difference, see
 :meth:`FakeWaiter.run`.  A rule's answer is a value (sent back), an exception (thrown in, like a
 cancellation or :class:`Expired`), or a callable taking the request (its
 result is sent back, what it raises is thrown in).
+
+:class:`Flaky` is a real socket whose ``send``, ``recv`` and ``accept``
+follow a plan first (fail, go short, return something else), for the
+error paths a real peer cannot produce on cue.
 """
 
 from __future__ import annotations
 
 import os
 import select
+import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from execproto.adapters._procedures import (
     Deliver,
@@ -46,12 +51,25 @@ from execproto.adapters._procedures import (
     WaitJobs,
 )
 
-__all__ = ["FakeClock", "FakeWaiter", "Stuck", "advance_then", "is_pidfd", "timed_out"]
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
+
+__all__ = [
+    "PASS",
+    "FakeClock",
+    "FakeWaiter",
+    "Flaky",
+    "Stuck",
+    "advance_then",
+    "is_pidfd",
+    "oserror",
+    "timed_out",
+]
 
 T = TypeVar("T")
 
 #: Real seconds a default Wait polls before it lets the fake timeout pass.
-PATIENCE = 2.0
+PATIENCE = 5.0
 
 
 class Stuck(BaseException):
@@ -237,3 +255,60 @@ def advance_then(clock: FakeClock, seconds: float, value: object = None) -> Call
         clock.advance(seconds)
         return value(request) if callable(value) else value
     return answer
+
+
+# --- sockets that fail on cue -------------------------------------------------
+
+
+PASS = object()  # a step of a Flaky plan: make the real call
+
+
+class Flaky(socket.socket):
+    """A real socket whose calls follow a plan, then behave.
+
+    ``sends``: per send() call, an exception to raise, an int (send at most
+    that many bytes) or PASS.  ``recvs``: per recv() call, an exception,
+    bytes to return instead, an int (receive at most that many) or PASS.
+    ``accepts``: per accept() call, an exception or PASS.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        blocking = sock.getblocking()
+        super().__init__(sock.family, sock.type, sock.proto, fileno=sock.detach())
+        self.setblocking(blocking)
+        self.sends: list[object] = []
+        self.recvs: list[object] = []
+        self.accepts: list[object] = []
+        self.sent: list[int] = []
+
+    def send(self, data: ReadableBuffer, flags: int = 0, /) -> int:
+        step = self.sends.pop(0) if self.sends else PASS
+        if isinstance(step, BaseException):
+            raise step
+        view = memoryview(data)
+        if isinstance(step, int):
+            view = view[:step]
+        sent = super().send(view, flags)
+        self.sent.append(sent)
+        return sent
+
+    def recv(self, bufsize: int, flags: int = 0, /) -> bytes:
+        step = self.recvs.pop(0) if self.recvs else PASS
+        if isinstance(step, BaseException):
+            raise step
+        if isinstance(step, bytes):
+            return step
+        if isinstance(step, int):
+            bufsize = min(bufsize, step)
+        return super().recv(bufsize, flags)
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        step = self.accepts.pop(0) if self.accepts else PASS
+        if isinstance(step, BaseException):
+            raise step
+        return super().accept()
+
+
+def oserror(code: int) -> OSError:
+    """The OSError the kernel's *code* becomes in Python (BrokenPipeError for EPIPE...)."""
+    return OSError(code, os.strerror(code))

@@ -20,7 +20,7 @@ import signal
 import socket
 import tempfile
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytest
 
@@ -50,10 +50,17 @@ from execproto.adapters._procedures import (
     WaitJobs,
 )
 
-from .fakewaiter import FakeClock, FakeWaiter, Stuck, advance_then, is_pidfd, timed_out
-
-if TYPE_CHECKING:
-    from _typeshed import ReadableBuffer
+from .fakewaiter import (
+    PASS,
+    FakeClock,
+    FakeWaiter,
+    Flaky,
+    Stuck,
+    advance_then,
+    is_pidfd,
+    oserror,
+    timed_out,
+)
 
 V = b"VERSION\tscript\t4\t0\n"
 LABEL = "unix:/run/test.sock"
@@ -90,60 +97,6 @@ def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
 
 def on_pidfd(request: Wait) -> bool:
     return len(request.read) == 1 and is_pidfd(request.read[0])
-
-
-PASS = object()  # a step of a Flaky plan: make the real call
-
-
-class Flaky(socket.socket):
-    """A real socket whose calls follow a plan, then behave.
-
-    ``sends``: per send() call, an exception to raise, an int (send at most
-    that many bytes) or PASS.  ``recvs``: per recv() call, an exception,
-    bytes to return instead, an int (receive at most that many) or PASS.
-    ``accepts``: per accept() call, an exception or PASS.
-    """
-
-    def __init__(self, sock: socket.socket) -> None:
-        blocking = sock.getblocking()
-        super().__init__(sock.family, sock.type, sock.proto, fileno=sock.detach())
-        self.setblocking(blocking)
-        self.sends: list[object] = []
-        self.recvs: list[object] = []
-        self.accepts: list[object] = []
-        self.sent: list[int] = []
-
-    def send(self, data: ReadableBuffer, flags: int = 0, /) -> int:
-        step = self.sends.pop(0) if self.sends else PASS
-        if isinstance(step, BaseException):
-            raise step
-        view = memoryview(data)
-        if isinstance(step, int):
-            view = view[:step]
-        sent = super().send(view, flags)
-        self.sent.append(sent)
-        return sent
-
-    def recv(self, bufsize: int, flags: int = 0, /) -> bytes:
-        step = self.recvs.pop(0) if self.recvs else PASS
-        if isinstance(step, BaseException):
-            raise step
-        if isinstance(step, bytes):
-            return step
-        if isinstance(step, int):
-            bufsize = min(bufsize, step)
-        return super().recv(bufsize, flags)
-
-    def accept(self) -> tuple[socket.socket, Any]:
-        step = self.accepts.pop(0) if self.accepts else PASS
-        if isinstance(step, BaseException):
-            raise step
-        return super().accept()
-
-
-def oserror(code: int) -> OSError:
-    """The OSError the kernel's *code* becomes in Python (BrokenPipeError for EPIPE...)."""
-    return OSError(code, os.strerror(code))
 
 
 def reply_then(waiter: FakeWaiter, peer: socket.socket, reply: bytes,
@@ -252,11 +205,13 @@ def test_unix_connect_errors_are_io_failures_naming_the_path(
     assert w.requests == []  # a unix connect never waits
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+@pytest.fixture
+def refusing() -> Iterator[tuple[int, int]]:
+    """Two ports bound but not listening: a connect to them is refused."""
+    with socket.socket() as one, socket.socket() as two:
+        one.bind(("127.0.0.1", 0))
+        two.bind(("127.0.0.1", 0))
+        yield one.getsockname()[1], two.getsockname()[1]
 
 
 def _info(port: int) -> tuple[Any, ...]:
@@ -272,13 +227,13 @@ def tcp_listener() -> Iterator[socket.socket]:
 
 
 def test_tcp_addresses_share_what_is_left_of_the_timeout(
-        clock: FakeClock, tcp_listener: socket.socket) -> None:
+        clock: FakeClock, tcp_listener: socket.socket, refusing: tuple[int, int]) -> None:
     port = tcp_listener.getsockname()[1]
     with socket.socket() as hole:
         hole.bind(("127.0.0.1", 0))
         hole.listen(1)
         black_hole = hole.getsockname()[1]
-        infos = [_info(_free_port()), _info(black_hole), _info(port)]
+        infos = [_info(refusing[0]), _info(black_hole), _info(port)]
         # A name is looked up off the loop; the second address never answers.
         w = (FakeWaiter(clock).on(Offload, infos)
              .on(Wait, timed_out(clock), nth=2))
@@ -296,9 +251,9 @@ def test_tcp_addresses_share_what_is_left_of_the_timeout(
     assert w.kinds() == ["Offload", "Wait", "Wait", "Wait"]
 
 
-def test_tcp_reports_the_last_error_or_a_timeout(clock: FakeClock,
-                                                 tcp_listener: socket.socket) -> None:
-    refused = [_info(_free_port()), _info(_free_port())]
+def test_tcp_reports_the_last_error_or_a_timeout(clock: FakeClock, tcp_listener: socket.socket,
+                                                 refusing: tuple[int, int]) -> None:
+    refused = [_info(port) for port in refusing]
     w = FakeWaiter(clock).on(Offload, refused)
     target = TcpTarget("db.example", 2000)
     assert run(w, target, [], {}) == failure(
@@ -306,7 +261,7 @@ def test_tcp_reports_the_last_error_or_a_timeout(clock: FakeClock,
         target="tcp:db.example:2000")
     # A refused address, then one that times out: a timeout.
     port = tcp_listener.getsockname()[1]
-    w = (FakeWaiter(clock).on(Offload, [_info(_free_port()), _info(port)])
+    w = (FakeWaiter(clock).on(Offload, [_info(refusing[0]), _info(port)])
          .on(Wait, timed_out(clock), nth=2))
     assert run(w, target, [], {"connect_timeout": 2.0}) == failure(
         ErrorKind.CONNECT_TIMEOUT, "connect(tcp:db.example:2000) timed out after 2.0 s",
@@ -713,9 +668,9 @@ def test_fork_run_timeout_thrown_in_terminates(clock: FakeClock, at: type,
 
 
 def test_fork_run_timeout_between_input_chunks(clock: FakeClock) -> None:
-    # Input that keeps coming, each chunk slower than the last: once the
-    # deadline passed no more is asked for, whatever the driver does with
-    # the NextInput timeout.
+    # Input that keeps coming, 0.6 s a chunk, to a child that reads it all:
+    # once the deadline passed no more is asked for, whatever the driver
+    # does with the NextInput timeout.
     chunks = iter([b"x"] * 50)
     w = FakeWaiter(clock).on(NextInput, advance_then(clock, 0.6, lambda r: next(chunks, None)),
                              times=None)
