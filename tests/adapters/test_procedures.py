@@ -366,6 +366,24 @@ def test_start_run_over_a_socket(clock: FakeClock, short_dir: str, driver: str,
             assert w.of(Wait)[-1].timeout == 8.0
 
 
+@pytest.mark.xfail(strict=True, reason="output not wanted is delivered to no one")
+def test_output_not_wanted_is_read_and_dropped(clock: FakeClock, short_dir: str) -> None:
+    # read_output=False with a reply: the reply is read for its result code;
+    # the output is neither collected nor handed to a caller who has no
+    # callback for it (a flavour's Deliver answer needs one).
+    target = UnixTarget(os.path.join(short_dir, "s"))
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(target.path)
+        listener.listen(1)
+        peers: list[socket.socket] = []
+        w = FakeWaiter(clock)
+        w.on(Wait, _served_by(w, listener, b"out\n+\n", peers, []), times=None)
+        result = run(w, target, [], {"read_output": False})
+        with peers[0]:
+            assert result == RunResult(Status.SUCCESS, output=None, target=target.label)
+            assert not w.of(Deliver)
+
+
 def test_noreply_without_output_sends_and_is_done(
         clock: FakeClock, pair: tuple[socket.socket, socket.socket]) -> None:
     ours, peer = pair
