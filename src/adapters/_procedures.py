@@ -325,17 +325,18 @@ def connect(target: UnixTarget | TcpTarget, timeout: float | None) -> Procedure[
 
 
 class _Output:
-    """Where output goes: collected here, or delivered to the caller chunk by chunk."""
+    """Where output goes: collected here, delivered to the caller chunk by chunk, or dropped."""
 
-    __slots__ = ("chunks",)
+    __slots__ = ("chunks", "deliver")
 
-    def __init__(self, collect: bool) -> None:
+    def __init__(self, collect: bool, deliver: bool = True) -> None:
         self.chunks: list[bytes] | None = [] if collect else None
+        self.deliver = deliver
 
     def put(self, data: bytes, deadline: float | None) -> Procedure[None]:
         if self.chunks is not None:
             self.chunks.append(data)
-        else:
+        elif self.deliver:
             yield Deliver(data, _left(deadline))
 
     def data(self) -> bytes | None:
@@ -577,7 +578,7 @@ def start_run(target: Target | str, args: Iterable[BytesLike], options: RunOptio
     env = env_bytes(options.get("env"))
     read_output = options.get("read_output", True)
     timeout = options.get("timeout")
-    out = _Output(collect and read_output)
+    out = _Output(collect and read_output, deliver=read_output)
     if isinstance(resolved, ForkTarget):
         argv = fork_argv(resolved.path, args)
         return _run_fork(resolved, argv, env, has_input, read_output, timeout, out)

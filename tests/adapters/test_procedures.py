@@ -366,7 +366,6 @@ def test_start_run_over_a_socket(clock: FakeClock, short_dir: str, driver: str,
             assert w.of(Wait)[-1].timeout == 8.0
 
 
-@pytest.mark.xfail(strict=True, reason="output not wanted is delivered to no one")
 def test_output_not_wanted_is_read_and_dropped(clock: FakeClock, short_dir: str) -> None:
     # read_output=False with a reply: the reply is read for its result code;
     # the output is neither collected nor handed to a caller who has no
