@@ -2,9 +2,16 @@
 
 The procedures of ``execproto.adapters._procedures`` say what they wait for
 by yielding requests.  :class:`FakeWaiter` answers them the way a test
-decides, through the procedures' own driver loop (``drive``), and records
-every request with the fake time it was made at, so a test asserts the
-requests (types, fds, timeouts) as well as the result.
+decides, in the loop of ``_procedures.drive``, and records every request
+with the fake time it was made at, so a test asserts the requests (types,
+fds, timeouts) as well as the result::
+
+    clock = FakeClock()            # monkeypatched over _procedures.monotonic
+    w = FakeWaiter(clock, inputs=[b"payload"])
+    w.on(Wait, timed_out(clock), when=lambda r: r.timeout == 3)   # alarm passes
+    w.on(NextInput, Expired(), nth=2)                             # thrown in
+    result = w.run(procedure)
+    assert w.kinds() == [...] and w.of(Wait)[0].timeout == 3
 
 Answers come from *rules* (first match wins) and otherwise from defaults:
 
@@ -22,10 +29,11 @@ request        default answer
 ``WaitJobs``   :class:`Stuck` (a test that waits for jobs says how)
 =============  ===============================================================
 
-Its loop is that of ``_procedures.drive`` with one difference, see
-:meth:`FakeWaiter.run`.  A rule's answer is a value (sent back), an exception (thrown in, like a
+A rule's answer is a value (sent back), an exception (thrown in, like a
 cancellation or :class:`Expired`), or a callable taking the request (its
-result is sent back, what it raises is thrown in).
+result is sent back, what it raises is thrown in; it may fall back on
+:meth:`FakeWaiter.poll` or :meth:`FakeWaiter.default`).  Only
+:class:`Stuck` is never thrown in (see :meth:`FakeWaiter.run`).
 
 :class:`Flaky` is a real socket whose ``send``, ``recv`` and ``accept``
 follow a plan first (fail, go short, return something else), for the
