@@ -1026,18 +1026,19 @@ def log_lines(caplog: pytest.LogCaptureFixture) -> list[tuple[int, str]]:
 
 
 def test_serve_connection_logs_a_good_request(
-        clock: FakeClock, logger: logging.Logger, caplog: pytest.LogCaptureFixture) -> None:
-    ours, peer = socket.socketpair()
-    with ours, peer:
-        peer.sendall(V + b"-\nsome\targ\n\n")
-        peer.shutdown(socket.SHUT_WR)
-        w = FakeWaiter(clock)
-        w.on(Wait, advance_then(clock, 1.25, w.poll), when=on_pidfd)
-        job = serve_connection(w, ours, config(logger, b"/bin/true"))
-        assert not job.reading_header
-        assert log_lines(caplog) == [
-            (logging.INFO, "peer: args=[some\\targ] exit 0 duration=1.250s")]
-        assert read_all(peer) == b"+\n"
+        clock: FakeClock, logger: logging.Logger, caplog: pytest.LogCaptureFixture,
+        pair: tuple[socket.socket, socket.socket]) -> None:
+    ours, peer = pair
+    ours.setblocking(True)  # serve_connection makes it non-blocking itself
+    peer.sendall(V + b"-\nsome\targ\n\n")
+    peer.shutdown(socket.SHUT_WR)
+    w = FakeWaiter(clock)
+    w.on(Wait, advance_then(clock, 1.25, w.poll), when=on_pidfd)
+    job = serve_connection(w, ours, config(logger, b"/bin/true"))
+    assert not job.reading_header and not ours.getblocking()
+    assert log_lines(caplog) == [
+        (logging.INFO, "peer: args=[some\\targ] exit 0 duration=1.250s")]
+    assert read_all(peer) == b"+\n"
 
 
 def test_serve_connection_bad_header(clock: FakeClock, logger: logging.Logger,
