@@ -1320,14 +1320,16 @@ def test_wind_down_stops_waiting_once_jobs_are_done(
 def test_wind_down_cancelled_skips_the_waits_and_reraises_at_the_end(
         clock: FakeClock, stop_plan: tuple[_Recorded, list[object], ServiceConfig]) -> None:
     jobs, events, cfg = stop_plan
-    first = KeyboardInterrupt("first")
+    first, second = KeyboardInterrupt("first"), KeyboardInterrupt("second")
 
-    def cancelled(request: WaitJobs) -> bool:
-        raise first
+    def cancelled(by: BaseException) -> Callable[[WaitJobs], bool]:
+        def answer(request: WaitJobs) -> bool:
+            raise by
+        return answer
 
     w = FakeWaiter(clock)
-    w.on(WaitJobs, _recording(events, cancelled))  # during the grace
-    w.on(WaitJobs, _recording(events, lambda r: (_ for _ in ()).throw(KeyboardInterrupt())))
+    w.on(WaitJobs, _recording(events, cancelled(first)))  # during the grace
+    w.on(WaitJobs, _recording(events, cancelled(second)))  # while the last jobs end
     w.on(WaitJobs, _recording(events, _everyone_leaves(jobs)))
     with pytest.raises(KeyboardInterrupt) as raised:
         w.run(procs.wind_down(jobs, cfg))
