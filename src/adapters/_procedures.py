@@ -339,17 +339,18 @@ def connect(target: UnixTarget | TcpTarget, timeout: float | None) -> Procedure[
 
 
 class _Output:
-    """Where output goes: collected here, or delivered to the caller chunk by chunk."""
+    """Where output goes: collected here, delivered to the caller chunk by chunk, or dropped."""
 
-    __slots__ = ("chunks",)
+    __slots__ = ("chunks", "deliver")
 
-    def __init__(self, collect: bool) -> None:
+    def __init__(self, collect: bool, deliver: bool = True) -> None:
         self.chunks: list[bytes] | None = [] if collect else None
+        self.deliver = deliver
 
     def put(self, data: bytes, deadline: float | None) -> Procedure[None]:
         if self.chunks is not None:
             self.chunks.append(data)
-        else:
+        elif self.deliver:
             yield Deliver(data, _left(deadline))
 
     def data(self) -> bytes | None:
@@ -472,7 +473,10 @@ def _pump_pipes(in_w: int | None, out_r: int | None, deadline: float | None,
             waiting_write = waiting_read = False
             while in_w is not None:
                 if not pending:
-                    chunk = yield NextInput(_left(deadline))
+                    left = _left(deadline)
+                    if left is not None and left <= 0:
+                        return False  # the child reads as fast as the input comes
+                    chunk = yield NextInput(left)
                     if chunk is None:
                         fds.remove(in_w)
                         os.close(in_w)
@@ -594,7 +598,7 @@ def start_run(target: Target | str, args: Iterable[BytesLike], options: RunOptio
     env = env_bytes(options.get("env"))
     read_output = options.get("read_output", True)
     timeout = options.get("timeout")
-    out = _Output(collect and read_output)
+    out = _Output(collect and read_output, deliver=read_output)
     if isinstance(resolved, ForkTarget):
         argv = fork_argv(resolved.path, args)
         return _run_fork(resolved, argv, env, has_input, read_output, timeout, out)
@@ -1044,6 +1048,8 @@ def wind_down(jobs: Jobs, config: ServiceConfig) -> Procedure[None]:
         if interrupted is None and len(jobs):
             try:
                 yield WaitJobs(timeout)
+            except GeneratorExit:  # closed by its driver: not a cancellation
+                raise
             except BaseException as exc:
                 interrupted = exc
 
@@ -1057,6 +1063,8 @@ def wind_down(jobs: Jobs, config: ServiceConfig) -> Procedure[None]:
     while len(jobs):
         try:
             yield WaitJobs(None)
+        except GeneratorExit:
+            raise
         except BaseException as exc:
             interrupted = interrupted or exc
     if interrupted is not None:
