@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import logging
 import os
 import shutil
@@ -131,7 +132,7 @@ def exchange(waiter: FakeWaiter, sock: socket.socket, conn: ClientConnection, he
 
 def run(waiter: FakeWaiter, target: UnixTarget | TcpTarget | ForkTarget, args: list[bytes],
         options: RunOptions, *, collect: bool = True, has_input: bool = False) -> RunResult:
-    return waiter.run(procs.start_run(target, args, options, collect=collect,
+    return waiter.run(procs.start_run(target, args, options, stream=not collect,
                                       has_input=has_input))
 
 
@@ -1425,3 +1426,196 @@ def test_the_fake_waiter_reports_a_wait_without_end(clock: FakeClock) -> None:
         FakeWaiter(clock).run(keep_waiting())
     with pytest.raises(Stuck, match="more than 5 requests"):
         FakeWaiter(clock, limit=5).on(WaitJobs, True, times=None).run(keep_waiting())
+
+
+# --- the driver, the pull-based stream and a run's answers ---------------------
+
+
+def complete(coroutine: Any) -> Any:
+    """Run a coroutine whose awaits never suspend (as the blocking flavour does)."""
+    try:
+        coroutine.send(None)
+    except StopIteration as stop:
+        return stop.value
+    raise AssertionError("the coroutine suspended")  # pragma: no cover
+
+
+async def _no_wait(request: Wait) -> bool:
+    return True
+
+
+def test_drive_without_an_answer_for_a_request_fails_loudly() -> None:
+    def procedure() -> procs.Procedure[None]:
+        yield Deliver(b"x")
+
+    with pytest.raises(AssertionError, match="no answer for Deliver"):
+        complete(procs.drive(procedure(), {Wait: _no_wait}))
+
+
+def _chatty(cleaned: list[str], fail: bool = False) -> procs.Procedure[RunResult]:
+    try:
+        yield Wait(timeout=1.0)
+        yield Deliver(b"one")
+        yield Deliver(b"two")
+        if fail:
+            raise ValueError("the input broke")
+        return RunResult(Status.SUCCESS, target=LABEL)
+    finally:
+        cleaned.append("cleaned")
+
+
+def test_run_stream_pulls_chunk_by_chunk_then_the_result() -> None:
+    cleaned: list[str] = []
+    stream = procs.RunStream(_chatty(cleaned), {Wait: _no_wait})
+
+    async def consume() -> list[bytes]:
+        chunks = []
+        async with stream:
+            assert cleaned == []  # entering started the run: it waits on its first chunk
+            async for chunk in stream:
+                chunks.append(chunk)
+            with pytest.raises(StopAsyncIteration):
+                await stream.__anext__()
+        return chunks
+
+    assert complete(consume()) == [b"one", b"two"]
+    assert stream.result == RunResult(Status.SUCCESS, target=LABEL)
+    assert cleaned == ["cleaned"]
+
+
+def test_run_stream_left_early_abandons_the_run() -> None:
+    cleaned: list[str] = []
+    stream = procs.RunStream(_chatty(cleaned), {Wait: _no_wait})
+
+    async def consume() -> None:
+        async with stream:
+            async for chunk in stream:
+                assert chunk == b"one"
+                break
+
+    complete(consume())
+    assert cleaned == ["cleaned"]
+    assert stream.result is None
+
+
+def test_run_stream_raises_the_runs_error_from_the_iteration() -> None:
+    cleaned: list[str] = []
+    stream = procs.RunStream(_chatty(cleaned, fail=True), {Wait: _no_wait})
+
+    async def consume() -> None:
+        async with stream:
+            async for _ in stream:
+                pass
+
+    with pytest.raises(ValueError, match="the input broke"):
+        complete(consume())
+    assert cleaned == ["cleaned"] and stream.result is None
+
+
+def test_run_stream_raises_an_error_of_its_first_step_from_the_iteration() -> None:
+    def broken() -> procs.Procedure[RunResult]:
+        raise ValueError("at once")
+        yield Wait()  # pragma: no cover
+
+    stream = procs.RunStream(broken(), {})
+
+    async def enter_then_iterate() -> None:
+        async with stream:  # entering does not raise it
+            with pytest.raises(ValueError, match="at once"):
+                await stream.__anext__()
+
+    complete(enter_then_iterate())
+
+
+def test_run_stream_misuse() -> None:
+    stream = procs.RunStream(_chatty([]), {Wait: _no_wait})
+    with pytest.raises(RuntimeError, match="inside its async with block"):
+        complete(stream.__anext__())
+    complete(stream.__aenter__())
+    with pytest.raises(RuntimeError, match="entered once"):
+        complete(stream.__aenter__())
+    complete(stream.__aexit__(None, None, None))
+    assert stream.__aiter__() is stream
+
+
+def test_run_stream_marks_itself_over_when_a_step_is_cancelled() -> None:
+    class Cancelled(BaseException):
+        pass
+
+    async def cancelled(request: Wait) -> bool:
+        raise Cancelled
+
+    cleaned: list[str] = []
+    stream = procs.RunStream(_chatty(cleaned), {Wait: cancelled})
+    with pytest.raises(Cancelled):
+        complete(stream.__aenter__())
+    assert cleaned == ["cleaned"]
+    with pytest.raises(StopAsyncIteration):
+        complete(stream.__anext__())
+    complete(stream.__aexit__(None, None, None))  # nothing left to abandon
+
+
+async def _within(awaitable: Any, timeout: float | None) -> Any:
+    if timeout is not None and timeout <= 0:
+        awaitable.close()  # as a flavour's timeout cancels it
+        raise Expired
+    return await awaitable
+
+
+def test_run_answers_for_each_kind_of_input_and_output() -> None:
+    delivered: list[bytes] = []
+
+    async def stored(data: bytes) -> None:
+        delivered.append(data)
+
+    async def chunks() -> Any:
+        for chunk in (b"a", b"", bytearray(b"b")):
+            yield chunk
+
+    answers = procs.run_answers({Wait: _no_wait}, chunks(), stored, _within)
+    assert set(answers) == {Wait, NextInput, Deliver}
+    next_input = answers[NextInput]
+    assert [complete(next_input(NextInput())) for _ in range(3)] == [b"a", b"b", None]
+    complete(answers[Deliver](Deliver(b"out")))
+    assert delivered == [b"out"]
+    with pytest.raises(Expired):
+        complete(answers[Deliver](Deliver(b"late", timeout=0.0)))
+
+    # A file read by the flavour's own reader (a worker thread in trio);
+    # without an output callback there is no Deliver answer (open_run).
+    reads: list[int] = []
+
+    async def read(function: Callable[[int], bytes], size: int) -> bytes:
+        reads.append(size)
+        return function(size)
+
+    file = io.BytesIO(b"file")
+    answers = procs.run_answers({}, file, None, _within, read=read)
+    assert Deliver not in answers
+    assert [complete(answers[NextInput](NextInput())) for _ in range(2)] == [b"file", None]
+    assert reads == [procs.CHUNK, procs.CHUNK]
+
+    # Plain bytes, iterated where the driver runs; output that is not awaitable.
+    answers = procs.run_answers({}, b"xy", delivered.append, _within)
+    assert complete(answers[NextInput](NextInput())) == b"xy"
+    assert complete(answers[NextInput](NextInput())) is None
+    complete(answers[Deliver](Deliver(b"sync")))
+    assert delivered[-1] == b"sync"
+
+
+def test_start_run_with_an_output_callback_reads_the_output(
+        clock: FakeClock, short_dir: str) -> None:
+    # read_output=False is overridden: whoever passes a callback wants it.
+    path = os.path.join(short_dir, "s")
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(path)
+        listener.listen()
+        procedure = procs.start_run(UnixTarget(path), [], {"read_output": False},
+                                    has_input=False, output=lambda data: None)
+        waiter = FakeWaiter(clock)
+        with contextlib.suppress(Stuck):
+            waiter.run(procedure)
+        # The request header asks for a reply: the callback's output is read.
+        conn, _ = listener.accept()
+        with conn:
+            assert conn.recv(100) == b"VERSION\tscript\t4\t0\n-\n\n"
