@@ -11,12 +11,14 @@ lint:
 
 # mypy cannot follow the package-dir mapping of an editable install, so the
 # tests are checked against a tree of links laid out as installed.
+# PYVER=3.13 checks as that Python (default: python_version in pyproject.toml).
+MYPY = $(PYTHON) -m mypy --strict $(if $(PYVER),--python-version $(PYVER))
 typecheck:
-	$(PYTHON) -m mypy --strict --cache-dir build/mypy-src src
+	$(MYPY) --cache-dir build/mypy-src$(PYVER) src
 	rm -rf build/typecheck && mkdir -p build/typecheck/execproto
 	ln -s $(CURDIR)/src/execproto/* build/typecheck/execproto/
 	ln -s $(CURDIR)/src/adapters build/typecheck/execproto/adapters
-	MYPYPATH=build/typecheck $(PYTHON) -m mypy --strict --cache-dir build/mypy-tests tests benchmarks
+	MYPYPATH=build/typecheck $(MYPY) --cache-dir build/mypy-tests$(PYVER) tests benchmarks
 
 # The whole suite under coverage; the pure core must stay at >= 95 % line coverage.
 unit:
