@@ -38,7 +38,7 @@ from execproto import (
     UnixTarget,
 )
 from execproto.adapters import _procedures as procs
-from execproto.adapters._common import KILL_TIMEOUT, RunOptions, RunResult, ServiceConfig
+from execproto.adapters._common import CHUNK, KILL_TIMEOUT, RunOptions, RunResult, ServiceConfig
 from execproto.adapters._procedures import (
     Deliver,
     Expired,
@@ -1593,7 +1593,7 @@ def test_run_answers_for_each_kind_of_input_and_output() -> None:
     answers = procs.run_answers({}, file, None, _within, read=read)
     assert Deliver not in answers
     assert [complete(answers[NextInput](NextInput())) for _ in range(2)] == [b"file", None]
-    assert reads == [procs.CHUNK, procs.CHUNK]
+    assert reads == [CHUNK, CHUNK]
 
     # Plain bytes, iterated where the driver runs; output that is not awaitable.
     answers = procs.run_answers({}, b"xy", delivered.append, _within)
