@@ -969,27 +969,33 @@ def run_script(sock: socket.socket, svc: ServiceConnection, request: ScriptReque
             else:
                 pid = _spawn_on(request.argv, request.environ, fd)
         except OSError as exc:
-            config.logger.error("execvp(%r) failed: %s", request.argv[0], exc.strerror)
+            config.logger.error("execvp(%s) failed: %s", os.fsdecode(request.argv[0]),
+                                exc.strerror)
             returncode: int | None = None
             how = "not started"
         else:
-            pidfd = open_pidfd(pid)
-            job.pidfd = pidfd
             try:
-                how = ""
-                returncode = yield from wait_child(pid, pidfd, request.alarm or None)
-                if returncode is None:
-                    # alarm=N expired: end the script before replying (quirk Q9).
-                    how = f"alarm {request.alarm} s expired, "
-                    returncode = yield from terminate(pid, pidfd, config.kill_timeout)
-            except BaseException:
-                kill_and_reap(pid, pidfd)
-                raise
-            finally:
-                with jobs.lock:
-                    job.pidfd = None
-                    os.close(pidfd)
-            how += describe_returncode(returncode)
+                pidfd = open_pidfd(pid)  # on failure the child is killed and reaped
+            except OSError as exc:
+                config.logger.error("pidfd_open() failed: %s", exc.strerror)
+                returncode, how = None, "killed: cannot be waited for"
+            else:
+                job.pidfd = pidfd
+                try:
+                    how = ""
+                    returncode = yield from wait_child(pid, pidfd, request.alarm or None)
+                    if returncode is None:
+                        # alarm=N expired: end the script before replying (quirk Q9).
+                        how = f"alarm {request.alarm} s expired, "
+                        returncode = yield from terminate(pid, pidfd, config.kill_timeout)
+                except BaseException:
+                    kill_and_reap(pid, pidfd)
+                    raise
+                finally:
+                    with jobs.lock:
+                        job.pidfd = None
+                        os.close(pidfd)
+                how += describe_returncode(returncode)
     finally:
         sock.setblocking(False)  # the script is gone: the socket is ours again
     # The reply has the header's time limit: a client that never reads it

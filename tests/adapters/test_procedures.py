@@ -906,7 +906,7 @@ def test_run_script_spawn_failure(clock: FakeClock, logger: logging.Logger,
     assert serve(w, ours, config(logger, b"/nonexistent/script")) == "not started"
     assert read_all(peer) == b"-\n"
     assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
-        (logging.ERROR, "execvp(b'/nonexistent/script') failed: No such file or directory")]
+        (logging.ERROR, "execvp(/nonexistent/script) failed: No such file or directory")]
     assert w.requests == []
 
 
@@ -948,10 +948,13 @@ def test_run_script_pidfd_open_failure_reaps_the_script(
     monkeypatch.setattr(os, "pidfd_open", no_pidfd)
     w = FakeWaiter(clock)
     job = serve_connection(w, ours, config(logger, b"/bin/sleep", b"60"))
-    # The script was killed and reaped at once (the leak check sees no child).
+    # The script was killed and reaped at once (the leak check sees no child)
+    # and the client gets a failure, as when the script cannot start.
     assert job.pidfd is None and not ours.getblocking()
-    assert log_lines(caplog) == [(logging.WARNING, "peer: [Errno 24] Too many open files")]
-    assert w.requests == []
+    lines = log_lines(caplog)
+    assert lines[0] == (logging.ERROR, "pidfd_open() failed: Too many open files")
+    assert "args=[] killed: cannot be waited for duration=" in lines[1][1]
+    assert read_all(peer) == b"-\n"
 
 
 def test_the_reply_has_a_time_limit(clock: FakeClock, logger: logging.Logger,
