@@ -9,11 +9,13 @@ from __future__ import annotations
 import re
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
 pytest_plugins = ["pytester"]
 
+README = Path(__file__).resolve().parents[2] / "README.md"
 PY = sys.executable
 
 # Scripts as script authors write them; the paths they need come as arguments.
@@ -41,6 +43,7 @@ with open(sys.argv[1], "w") as f:
 EXAMPLE = r'''
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -177,6 +180,32 @@ def test_the_fixture_in_a_test_file(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_example=EXAMPLE)
     result = pytester.runpytest("-p", "no:cacheprovider")
     result.assert_outcomes(passed=N_EXAMPLE)
+
+
+def readme_example() -> tuple[dict[str, str], str]:
+    """The scripts and the test file of the README's pytest section."""
+    text = README.read_text()
+    section = text.split("## Testing your scripts with pytest", 1)[1].split("\n## ", 1)[0]
+    scripts: dict[str, str] = {}
+    tests = []
+    for lang, block in re.findall(r"```(\w+)\n(.*?)```", section, re.DOTALL):
+        if lang == "python":
+            tests.append(block)
+        elif block.startswith("#!"):
+            name = re.search(r"^# (\S+):", block, re.MULTILINE)
+            assert name is not None, block
+            scripts[name[1]] = block
+    assert len(tests) == 1 and len(scripts) == 2
+    return scripts, tests[0]
+
+
+def test_the_readme_example(pytester: pytest.Pytester) -> None:
+    # A subprocess: the plugin comes from the installed entry point alone.
+    scripts, test_file = readme_example()
+    write_scripts(pytester, scripts)
+    pytester.makepyfile(test_mail_scripts=test_file)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=len(re.findall(r"^def test_", test_file, re.MULTILINE)))
 
 
 def test_loading_the_plugin_imports_no_adapter(pytester: pytest.Pytester) -> None:
