@@ -153,7 +153,9 @@ class ScriptService:
     * ``output``: what the script wrote to stdout (without the result code).
     * ``returncode``: the script's exit code as the service saw it (``-N``
       when killed by signal N), also in noreply mode, where Dovecot's
-      client never learns it; None if the script did not start.
+      client never learns it; None if the script did not start, or once
+      a run of this service has ended in INTERNAL_FAILURE (its script may
+      end later, so log lines and runs can no longer be matched).
 
     Requests run one at a time.  :attr:`last_request` holds the exact bytes
     of the last one (header and payload).
@@ -178,6 +180,7 @@ class ScriptService:
         self.timeout = timeout
         self.last_request = b""
         self._lock = threading.Lock()
+        self._lost = False
         self._records = _Records()
         self._logger = logging.getLogger(f"execproto.pytest.{id(self):x}")
         self._logger.setLevel(logging.DEBUG)
@@ -368,12 +371,16 @@ class ScriptService:
             else:
                 result = _run_raw(self.socket_path, conn, wire, self.timeout)
             if result.status is Status.INTERNAL_FAILURE:
+                # The script may still be running: its log line comes later,
+                # perhaps after the next run's, so none can be matched any more.
+                self._lost = True
                 return result
             with self._records.changed:
                 self._records.changed.wait_for(lambda: len(self._records.exits) > seen,
                                                _LOG_WAIT)
                 exits = self._records.exits[seen:seen + 1]
-        return dataclasses.replace(result, returncode=exits[0] if exits else None)
+        code = exits[0] if exits and not self._lost else None
+        return dataclasses.replace(result, returncode=code)
 
 
 def _run_raw(path: str, conn: ClientConnection, wire: bytes, timeout: float) -> RunResult:
@@ -498,12 +505,16 @@ class ScriptFactory:
         """Stop every service started and remove its directory."""
         import shutil
 
-        try:
-            for service in self._services:
+        errors: list[Exception] = []
+        for service in self._services:
+            try:
                 service.close()
-        finally:
-            for directory in self._dirs:
-                shutil.rmtree(directory, ignore_errors=True)
+            except Exception as exc:  # stop the others all the same
+                errors.append(exc)
+        for directory in self._dirs:
+            shutil.rmtree(directory, ignore_errors=True)
+        if errors:
+            raise errors[0]
 
 
 @pytest.fixture

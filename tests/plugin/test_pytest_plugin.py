@@ -35,7 +35,7 @@ with open(sys.argv[1], "w") as f:
     # A Sieve filter: rewrite the message.
     "upper.py": f"#!{PY}\nimport sys\nsys.stdout.buffer.write(sys.stdin.buffer.read().upper())\n",
     "fail.sh": "#!/bin/sh\necho no\nexit 1\n",
-    "sleep.sh": "#!/bin/sh\necho started\nexec /bin/sleep 30\n",
+    "sleep.sh": "#!/bin/sh\necho started\nexec /bin/sleep \"${1:-30}\"\n",
     # Shows its arguments and stdin, for the framing of Dovecot's requests.
     "show.py": f"#!{PY}\nimport sys\nprint(sys.argv[1:], repr(sys.stdin.read()))\n",
 }
@@ -124,18 +124,22 @@ def test_env_not_on_the_allowlist_is_not_seen(dovecot_script, monkeypatch):
 def test_alarm_ends_the_script(dovecot_script):
     svc = dovecot_script(HERE / "sleep.sh", alarm=1)
     started = time.monotonic()
-    result = svc.run(["x"])
+    result = svc.run(["30"])
     assert time.monotonic() - started < 10
     assert (result.status, result.output, result.returncode) == (
         Status.FAILURE, b"started\n", -15)
-    assert svc.last_request == b"VERSION\tscript\t4\t0\nalarm=1\n-\nx\n\n"
-    assert svc.quota_warning(["y"]).returncode == -15
+    assert svc.last_request == b"VERSION\tscript\t4\t0\nalarm=1\n-\n30\n\n"
+    assert svc.quota_warning(["30"]).returncode == -15
 
 
 def test_the_client_timeout(dovecot_script):
     svc = dovecot_script(HERE / "sleep.sh", timeout=0.5)
     result = svc.run()
     assert (result.status, result.kind) == (Status.INTERNAL_FAILURE, ErrorKind.RUN_TIMEOUT)
+    # That script still runs: exit statuses can no longer be matched to runs.
+    result = svc.run(["0"])
+    assert (result.status, result.output, result.returncode) == (
+        Status.SUCCESS, b"started\n", None)
 
 
 def test_quota_over_status_with_an_empty_value(dovecot_script):
