@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from ._common import RunResult
     from .blocking import Service
 
-__all__ = ["ScriptFactory", "ScriptService", "dovecot_script"]
+__all__ = ["ScriptFactory", "ScriptService", "dovecot_script", "to_crlf"]
 
 # How long teardown waits for the service thread, on top of its grace:
 # the service itself bounds every step (SIGTERM, SIGKILL, drain).
@@ -222,11 +222,15 @@ class ScriptService:
                 does, or the argument list itself.
             variables: the values of ``%{...}`` in *args*.
 
-        quota.c, quota_warning_execute() (2.4)::
+        quota.c, quota_warning_execute() (2.4), which a warning calls with
+        ``last_arg`` NULL, so nothing is appended::
 
-            .client_connect_timeout_msecs = 1000,
-            .no_reply = TRUE,
-            .append_args = append_args,    /* { NULL }: nothing appended */
+            const char *const append_args[] = { last_arg, NULL };
+            struct program_client_parameters params = {
+                .client_connect_timeout_msecs = 1000,
+                .no_reply = TRUE,
+                .append_args = append_args,
+            };
 
         No env, no input, and Dovecot closes without reading: a script's
         output is lost there (returned here so a test can check there is
@@ -242,7 +246,8 @@ class ScriptService:
         quota.c, quota_over_status_check_root()::
 
             quota_warning_execute(event,
-                                  root->set->quota_over_status_current, ...);
+                                  root->set->quota_over_status_current,
+                                  "quota_over_status mismatch");
 
         so ``quota_over_status_current`` is the last argument, even when it
         is empty (quirk Q21): then, as from Dovecot, the header ends early
@@ -275,11 +280,22 @@ class ScriptService:
         The message is the input with CRLF line ends (:func:`to_crlf`),
         with the environment of sieve_extprogram_create(): ``USER``, then
         ``HOME``, ``HOST``, ``SENDER``, ``RECIPIENT``, ``ORIG_RECIPIENT``
-        when given (a null sender is not sent).  Reply mode: cmd-pipe.c
-        takes ``ret > 0`` (SUCCESS) as "piped message to program"; anything
-        else fails the action (``:try`` ignores that).  The output is
-        discarded by Pigeonhole.  Which of these variables the script sees
-        depends on the service's allowlist (``executable = script -e ...``).
+        when given (a null sender is not sent).  Reply mode, as the
+        parameters set no ``no_reply``::
+
+            struct program_client_parameters pc_params = {
+                .client_connect_timeout_msecs =
+                    SIEVE_EXTPROGRAMS_CONNECT_TIMEOUT_MSECS,
+                .input_idle_timeout_msecs = extctx->set->exec_timeout * 1000,
+            };
+
+        cmd-pipe.c takes ``ret > 0`` (SUCCESS) as "piped message to
+        program"; anything else fails the action (``:try`` ignores that).
+        The output is read and discarded.  Which of these variables the
+        script sees depends on the service's allowlist (``executable =
+        script -e ...``).  Pigeonhole's own run limit,
+        ``sieve_extprograms_exec_timeout``, is 10 s by default; here the
+        fixture's ``timeout`` applies.
         """
         env = _sieve_env(user, home, host, sender, recipient, orig_recipient)
         return self._dovecot(_Call(tuple(program_args), env, to_crlf(message)))
@@ -361,7 +377,9 @@ class ScriptService:
                 from . import blocking
 
                 # noreply: read to EOF anyway.  Dovecot's quota and welcome
-                # clients close at once; reading changes no byte sent, and the
+                # clients close at once (program-client-remote.c:
+                # `pclient->fd_in = (prclient->noreply && pclient->output == NULL ?
+                # -1 : fd);`); reading changes no byte sent, and the
                 # service closes only when the script has ended, so a test sees
                 # the script's effects.  The only difference: output written
                 # here arrives, where under Dovecot the script gets EPIPE.
