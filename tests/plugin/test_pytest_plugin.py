@@ -111,6 +111,16 @@ def test_a_failing_script(dovecot_script):
     assert "exit 1" in svc.log[-1]
 
 
+@pytest.mark.parametrize("alarm", [None, 30])
+def test_big_messages(dovecot_script, alarm):
+    # Unread (the service drains it) and echoed (read and written at once).
+    message = b"x" * 1_000_000 + b"\n"
+    result = dovecot_script(HERE / "fail.sh", alarm=alarm).sieve_pipe(message, user="frank")
+    assert (result.status, result.output, result.returncode) == (Status.FAILURE, b"no\n", 1)
+    result = dovecot_script(HERE / "upper.py", alarm=alarm).sieve_filter(message, user="frank")
+    assert (result.status, result.output) == (Status.SUCCESS, message.upper()[:-1] + b"\r\n")
+
+
 def test_env_not_on_the_allowlist_is_not_seen(dovecot_script, monkeypatch):
     monkeypatch.setenv("FROM_THE_TEST_PROCESS", "1")
     # env(1) itself as the script: it prints exactly the environment it got.
@@ -169,7 +179,8 @@ def test_a_script_that_is_not_executable(dovecot_script):
         dovecot_script(HERE / "test_example.py")
 '''
 
-N_EXAMPLE = len(re.findall(r"^def test_", EXAMPLE, re.MULTILINE))
+# test_big_messages runs twice.
+N_EXAMPLE = len(re.findall(r"^def test_", EXAMPLE, re.MULTILINE)) + 1
 
 
 def write_scripts(pytester: pytest.Pytester, scripts: dict[str, str]) -> None:
