@@ -12,7 +12,9 @@ exit status turned into ``+``/``-``, and ``alarm=N`` enforced.
 
 Nothing here runs unless a test asks for the fixture: merely having
 execproto installed adds no autouse fixture, hook or marker, and the
-adapters are imported on first use only.  Disable the plugin with
+service and client (the blocking flavour) are imported on first use only.
+Loading the plugin still imports the ``execproto`` and
+``execproto.adapters`` packages, its parents.  Disable the plugin with
 ``-p no:execproto``.
 """
 
