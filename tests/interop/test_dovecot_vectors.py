@@ -312,7 +312,11 @@ def test_script_process_state(setup: Setup) -> None:
     cwd, ignored, trailer = reply.decode().splitlines()
     assert cwd == f"cwd: {setup.dovecot.base_dir}"
     name, mask = ignored.split()
-    assert (name, int(mask, 16)) == ("SigIgn:", 1 << (signal.SIGPIPE - 1))
+    # Only the standard signals (1-31): glibc's posix_spawn leaves its internal
+    # signals 32 and 33 ignored in every child, so whether they are depends on
+    # how this test's own process was started (make spawns it that way).
+    standard = int(mask, 16) & ((1 << 31) - 1)
+    assert (name, standard) == ("SigIgn:", 1 << (signal.SIGPIPE - 1))
     assert trailer == "+"
 
 
