@@ -478,7 +478,7 @@ def cmd_doctor(ns: argparse.Namespace) -> int:
     root = _read_config(ns.config)
     plan, findings = diagnose(root, ns.config, mail_user=ns.user, base_dir=ns.base_dir,
                               libexec_dir=ns.libexec_dir)
-    counts = {level: sum(f.level == level for f in findings)
+    counts = {f"{level}s": sum(f.level == level for f in findings)
               for level in ("error", "warning", "note")}
     if ns.json:
         print(json.dumps({"findings": [
@@ -489,8 +489,8 @@ def cmd_doctor(ns: argparse.Namespace) -> int:
         for finding in findings:
             print(format_finding(finding))
         print(f"{len(plan.services)} script services, {len(plan.clients)} clients: "
-              f"{counts['error']} errors, {counts['warning']} warnings, {counts['note']} notes")
-    return 1 if counts["error"] or counts["warning"] else 0
+              f"{counts['errors']} errors, {counts['warnings']} warnings, {counts['notes']} notes")
+    return 1 if counts["errors"] or counts["warnings"] else 0
 
 
 # --- vectors ---------------------------------------------------------------------

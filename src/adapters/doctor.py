@@ -119,7 +119,8 @@ def _sock_diag() -> dict[str, tuple[int, int]]:
                         queues = struct.unpack_from("=II", value)
                     pos += (attr_len + 3) & ~3
                 if sock_type == socket.SOCK_STREAM and name and not name.startswith(b"\0"):
-                    found[os.fsdecode(name)] = queues or (0, 0)
+                    # The kernel keeps the length bind() was given: a NUL may end it.
+                    found[os.fsdecode(name.partition(b"\0")[0])] = queues or (0, 0)
                 offset += (length + 3) & ~3
 
 
