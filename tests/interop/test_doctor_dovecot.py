@@ -1,0 +1,179 @@
+"""``execproto doctor`` against the sockets a real Dovecot creates (2.3.19, 2.4.1, 2.4.5).
+
+A private Dovecot hosts three script services: ``qw-open`` (mode 0666),
+``qw-private`` (mode 0600, root's) and ``pipe-small`` in a Sieve socket
+directory with ``process_limit = 1`` and ``client_limit = 1``. The doctor's
+configuration includes Dovecot's and adds the clients: two quota warnings
+and ``sieve_pipe_socket_dir``. What doctor says about Dovecot's side is
+checked against it: the mode it gave the socket (a connect as the mail
+user really fails), the listen backlog it chose (process_limit x
+client_limit, at least 4), and what is left once it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .dovecot import Installation, PrivateDovecot, ScriptService
+from .tools import RUN_LIMIT, cli, unavailable, write_probe
+
+NOBODY = 65534
+SYSTEM_PYTHON = "/usr/bin/python3"  # one the mail user may run (the test's may be private)
+
+
+def _clients(installation: Installation) -> str:
+    if installation.version >= (2, 4):
+        return """
+quota "User quota" {
+  warning warn-95 {
+    execute qw-private {
+      args = 95 %{user}
+    }
+  }
+  warning warn-80 {
+    execute qw-open {
+      args = 80 %{user}
+    }
+  }
+}
+sieve_pipe_socket_dir = sieve-pipe
+"""
+    return """
+plugin {
+  quota_warning = storage=95%% qw-private 95 %u
+  quota_warning2 = storage=80%% qw-open 80 %u
+  sieve_pipe_socket_dir = sieve-pipe
+}
+"""
+
+
+# Merged by Dovecot into the blocks the harness writes (a later value wins).
+OVERRIDES = """
+service qw-private {
+  unix_listener qw-private {
+    mode = 0600
+  }
+}
+service pipe-small {
+  process_limit = 1
+  client_limit = 1
+}
+"""
+
+
+class Setup:
+    """The private Dovecot and the doctor's configuration around it."""
+
+    def __init__(self, installation: Installation, directory: Path) -> None:
+        directory.mkdir()
+        probe = write_probe(directory / "probe.py", installation.python)
+        records = directory / "records"
+        records.mkdir()
+        services = [
+            ScriptService("qw-open", probe, args=(str(records), "raw")),
+            ScriptService("qw-private", probe, args=(str(records), "raw")),
+            ScriptService("pipe-small", probe, args=(str(records), "raw"),
+                          env_allowlist=("USER",), unix_listener="sieve-pipe/small"),
+        ]
+        self.dovecot = PrivateDovecot(services, directory=directory / "dovecot",
+                                      installation=installation, extra_config=OVERRIDES)
+        self.config = directory / "doctor.conf"
+        self.config.write_text(f"!include {self.dovecot.config_path}\n"
+                               + _clients(installation))
+
+    def doctor(self) -> tuple[int, dict[str, Any]]:
+        done = cli("doctor", "--config", str(self.config), "--user", "nobody", "--json")
+        assert done.returncode in (0, 1), done.stderr
+        return done.returncode, json.loads(done.stdout)
+
+
+@pytest.fixture(scope="module")
+def setup(installation: Installation, workspace: Path) -> Iterator[Setup]:
+    made = Setup(installation, workspace / "doctor")
+    made.dovecot.start()
+    try:
+        yield made
+    finally:
+        made.dovecot.stop()
+
+
+def _findings(report: dict[str, Any], code: str) -> list[dict[str, Any]]:
+    return [f for f in report["findings"] if f["code"] == code]
+
+
+def _connect_as_nobody(path: Path) -> str:
+    """What a connect by uid 65534 meets: ``ok`` or the error's name."""
+    if not Path(SYSTEM_PYTHON).exists():
+        unavailable(f"{SYSTEM_PYTHON} is needed to connect as nobody")
+    code = ("import socket\ns = socket.socket(socket.AF_UNIX)\n"
+            f"try:\n    s.connect({str(path)!r})\n    print('ok')\n"
+            "except OSError as e:\n    print(type(e).__name__)\n")
+    done = subprocess.run([SYSTEM_PYTHON, "-c", code], capture_output=True, text=True,
+                          timeout=RUN_LIMIT, check=False, user=NOBODY, group=NOBODY,
+                          extra_groups=[], cwd="/")
+    return done.stdout.strip() or done.stderr
+
+
+def test_listening_services(setup: Setup) -> None:
+    """Every socket is found listening: none is missing or stale, no script is missing."""
+    code, report = setup.doctor()
+    assert code == 1
+    # Only the three problems made on purpose (and the environment notes).
+    codes = sorted((f["level"], f["code"]) for f in report["findings"])
+    assert codes == [("error", "cannot-connect"), ("error", "listener-permission"),
+                     ("note", "environment"), ("note", "environment"),
+                     # the probe is Python: whether it writes output is not known
+                     ("note", "noreply-output-unknown"), ("note", "noreply-output-unknown"),
+                     ("warning", "backlog-small"), ("warning", "environment-dropped")], (
+        json.dumps(report, indent=1))
+
+
+def test_mail_user_cannot_connect(setup: Setup) -> None:
+    """Dovecot created qw-private 0600 root:root: the mail user's connect fails."""
+    _, report = setup.doctor()
+    socket_path = setup.dovecot.socket_path("qw-private")
+    (static,) = _findings(report, "listener-permission")
+    assert static["file"] == str(setup.dovecot.config_path)
+    assert static["message"].startswith(
+        f"service qw-private: unix_listener {socket_path} is created mode 0600, root:root: "
+        "mail user nobody cannot connect")
+    (live,) = _findings(report, "cannot-connect")
+    assert live["file"] == str(setup.config)
+    assert live["message"].endswith(
+        f"mail user nobody cannot connect to {socket_path}: no write permission on "
+        f"{socket_path} (mode 0600, root:root)")
+    assert _connect_as_nobody(socket_path) == "PermissionError"
+    # qw-open is 0666: no finding about it but the (empty) environment.
+    open_path = str(setup.dovecot.socket_path("qw-open"))
+    assert [f["code"] for f in report["findings"] if open_path in f["message"]] == []
+    assert _connect_as_nobody(setup.dovecot.socket_path("qw-open")) == "ok"
+
+
+def test_sieve_backlog_dovecot_chose(setup: Setup) -> None:
+    """process_limit = 1, client_limit = 1: Dovecot listens with its minimum backlog, 4."""
+    _, report = setup.doctor()
+    path = setup.dovecot.socket_path("pipe-small")
+    (finding,) = _findings(report, "backlog-small")
+    assert finding["level"] == "warning"
+    assert (f"sieve_pipe_socket_dir program small: {path} listens with a backlog of 4, below "
+            "the 100 deliveries") in finding["message"]
+    (dropped,) = _findings(report, "environment-dropped")
+    assert "its -e list is USER: the script gets USER" in dropped["message"]
+
+
+def test_after_dovecot_stopped(installation: Installation, workspace: Path) -> None:
+    """Nothing listens any more: each client says so (no socket, or a stale one)."""
+    made = Setup(installation, workspace / "doctor-stopped")
+    made.dovecot.start()
+    made.dovecot.stop()
+    code, report = made.doctor()
+    assert code == 1
+    gone = _findings(report, "socket-missing") + _findings(report, "not-listening")
+    assert len(gone) == 3, json.dumps(report, indent=1)
+    assert not _findings(report, "backlog-small")
