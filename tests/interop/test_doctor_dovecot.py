@@ -13,6 +13,8 @@ client_limit, at least 4), and what is left once it stopped.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -177,3 +179,63 @@ def test_after_dovecot_stopped(installation: Installation, workspace: Path) -> N
     gone = _findings(report, "socket-missing") + _findings(report, "not-listening")
     assert len(gone) == 3, json.dumps(report, indent=1)
     assert not _findings(report, "backlog-small")
+
+
+SIEVE_PIPE = 'require ["vnd.dovecot.pipe"];\npipe "full";\nkeep;\n'
+MESSAGE = b"From: a@example.com\nTo: rcpt@example.com\nSubject: hello\n\nbody\n"
+
+
+def test_full_queue_fails_a_sieve_pipe(installation: Installation, workspace: Path) -> None:
+    """What backlog-full means: Pigeonhole gives up before Dovecot's retry comes.
+
+    A socket nobody accepts on, its queue filled: doctor says it is full,
+    and ``sieve-test``'s ``pipe "full"`` fails with a connect timeout of 5 ms.
+    """
+    sieve_test = installation.tool("sieve-test")
+    if sieve_test is None:
+        unavailable(f"Dovecot {installation.label}: sieve-test not found")
+    root = workspace / "sieve-full"
+    base = root / "run"
+    (base / "sieve-pipe").mkdir(parents=True)
+    work = root / "work"
+    (work / "mail").mkdir(parents=True)
+    (work / "test.sieve").write_text(SIEVE_PIPE)
+    (work / "msg.eml").write_bytes(MESSAGE)
+    for path in (work, work / "mail", work / "test.sieve"):
+        os.chown(path, NOBODY, NOBODY)  # sieve-test saves the compiled script
+    config = work / "sieve.conf"
+    config.write_text(installation.config.sieve(base, work / "mail"))
+    path = base / "sieve-pipe" / "full"
+    waiting: list[socket.socket] = []
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(path))
+        listener.listen(1)
+        path.chmod(0o666)
+        try:
+            while len(waiting) < 10:
+                client = socket.socket(socket.AF_UNIX)
+                client.setblocking(False)
+                waiting.append(client)
+                try:
+                    client.connect(str(path))
+                except BlockingIOError:
+                    break
+            report = cli("doctor", "--config", str(config), "--user", "nobody", "--json")
+            argv = [sieve_test, "-c", str(config), "-e", "-t", "-", str(work / "test.sieve"),
+                    str(work / "msg.eml")]
+            on_host = not installation.chrooted
+            done = subprocess.run(
+                installation.command(argv, user=None if on_host else NOBODY),
+                capture_output=True, timeout=RUN_LIMIT, check=False,
+                env={"USER": "nobody", "HOME": str(work), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+                user=NOBODY if on_host else None, group=NOBODY if on_host else None,
+                extra_groups=[] if on_host else None)
+        finally:
+            for client in waiting:
+                client.close()
+    findings = json.loads(report.stdout)["findings"]
+    (full,) = [f for f in findings if f["code"] == "backlog-full"]
+    assert f"{path} is full now (2 waiting, backlog 1)" in full["message"]
+    stderr = done.stderr.decode(errors="replace")
+    assert done.returncode != 0, stderr
+    assert "Connection timed out (> 5 msecs)" in stderr, stderr
