@@ -57,12 +57,19 @@ class MailUser:
     gids: tuple[int, ...]
 
 
-def lookup_user(spec: str) -> MailUser | None:
-    """A user by name or number, with its groups (``None``: no such user)."""
+def lookup_user(spec: str, group: str = "") -> MailUser | None:
+    """A user by name or number, with its groups (``None``: no such user).
+
+    A number without a passwd entry is a user too (virtual mail users often
+    are, ``mail_uid = 5000``): its group is *group* (``mail_gid``), if any.
+    """
     try:
         entry = pwd.getpwuid(int(spec)) if spec.isdigit() else pwd.getpwnam(spec)
     except (KeyError, OverflowError):
-        return None
+        if not spec.isdigit():
+            return None
+        gid = int(group) if group.isdigit() else _group_id(group) if group else None
+        return MailUser(spec, int(spec), () if gid is None else (gid,))
     gids = tuple(sorted({entry.pw_gid, *os.getgrouplist(entry.pw_name, entry.pw_gid)}))
     return MailUser(entry.pw_name, entry.pw_uid, gids)
 
@@ -213,6 +220,7 @@ class Doctor:
     libexec_dir: str = DEFAULT_LIBEXEC_DIR
     listening: dict[str, tuple[int, int]] | None = None
     findings: list[Finding] = field(default_factory=list)
+    reached: set[str] = field(default_factory=set)
 
     def _add(self, level: str, code: str, where: tuple[str | None, int | None], message: str,
              fix: str = "") -> None:
@@ -226,6 +234,11 @@ class Doctor:
         self.findings = [Finding(f.level, f.code, f.file or self.config, f.line, f.message,
                                  f.fix) for f in self.plan.findings]
         user = self._user()
+        # The sockets some client connects to (the others are checked as listeners).
+        self.reached = {c.target.path for c in self.plan.clients
+                        if isinstance(c.target, UnixTarget) and not c.directory}
+        self.reached |= {lst.path for c in self.plan.clients if c.directory
+                         for s in c.services for lst in s.listeners}
         for service in self.plan.services:
             self._service(service, user)
         for client in self.plan.clients:
@@ -248,7 +261,7 @@ class Doctor:
                           "connect or run programs is not checked",
                           "give --user MAILUSER (the uid mail processes run as, e.g. vmail)")
             return None
-        found = lookup_user(spec)
+        found = lookup_user(spec, self.plan.mail_group)
         if found is None:
             self._add("error", "mail-user", where, f"mail user {spec} does not exist",
                       "create the user or name an existing one (--user, mail_uid)")
@@ -283,8 +296,25 @@ class Doctor:
                           f"service {service.name}: the directory {directory} of its socket "
                           "does not exist: Dovecot does not create it and fails to start its "
                           "listeners", f"mkdir {directory} (e.g. tmpfiles.d if under /run)")
-            if mail is not None:
+            if listener.path not in self.reached:
+                self._unreached(service, listener)
+            elif mail is not None:
                 self._listener_mode(service, listener, mail)
+
+    def _unreached(self, service: ServicePlan, listener: ListenerPlan) -> None:
+        """Check that something listens on a socket no client here connects to."""
+        at = (listener.file, listener.line)
+        if listener.path in (self.listening or {}):
+            return
+        if os.path.lexists(listener.path):
+            self._add("error", "not-listening", at,
+                      f"service {service.name}: nothing listens on {listener.path} (a socket "
+                      "file left by a service that is gone: Connection refused)",
+                      "start Dovecot (or execproto serve) with this service")
+        else:
+            self._add("error", "socket-missing", at,
+                      f"service {service.name}: no socket at {listener.path}: the service is "
+                      "not running", "start Dovecot (or execproto serve) with this service")
 
     def _listener_mode(self, service: ServicePlan, listener: ListenerPlan,
                        mail: MailUser) -> None:

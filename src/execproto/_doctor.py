@@ -188,6 +188,7 @@ class DoctorPlan:
     Fields:
         base_dir: the base directory used for relative socket paths.
         mail_user: ``mail_uid``'s value (``""`` when not set) and where.
+        mail_group: ``mail_gid``'s value (``""`` when not set).
         services: the script services.
         clients: the clients, in text order.
         findings: problems visible in the configuration alone.
@@ -197,6 +198,7 @@ class DoctorPlan:
 
     base_dir: str
     mail_user: tuple[str, Where]
+    mail_group: str = ""
     services: list[ServicePlan] = field(default_factory=list)
     clients: list[ClientPlan] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
@@ -530,7 +532,7 @@ def plan_checks(root: ConfigSection, *, base_dir: str | None = None) -> DoctorPl
     """
     base = (base_dir or root.get("base_dir") or DEFAULT_BASE_DIR).rstrip("/") or "/"
     mail_uid = root.get("mail_uid") or ""
-    plan = DoctorPlan(base, (mail_uid, _where(root, "mail_uid")))
+    plan = DoctorPlan(base, (mail_uid, _where(root, "mail_uid")), root.get("mail_gid") or "")
     plan.services = _services(root, base, plan.findings)
     _execute_clients(root, plan)
     _legacy_clients(root, plan)

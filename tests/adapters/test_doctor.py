@@ -597,3 +597,36 @@ def test_bad_config_is_a_usage_error(home: Path, capsys: pytest.CaptureFixture[s
     config.write_text("service x {\n")
     assert main(["doctor", "--config", str(config)]) == 64
     assert "Missing '}'" in capsys.readouterr().err
+
+
+def test_service_no_client_reaches(home: Path, sockets: list[socket.socket],
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A service is checked on its own: something must listen on its socket."""
+    config = home / "dovecot.conf"
+    config.write_text(f"base_dir = {home}\nservice s {{\n  executable = script /bin/true\n"
+                      "  unix_listener s {\n  }\n}\n")
+    code, out = doctor(capsys, config, "--user", NOBODY)
+    assert code == 1
+    assert out[0] == (f"{config}:4: error: service s: no socket at {home}/s: the service is not "
+                      "running — fix: start Dovecot (or execproto serve) with this service")
+    stale = listen(home / "s", sockets, mode=0o600)
+    stale.close()
+    code, out = doctor(capsys, config, "--user", NOBODY)
+    assert out[0].startswith(f"{config}:4: error: service s: nothing listens on {home}/s")
+    (home / "s").unlink()
+    listen(home / "s", sockets, mode=0o600)
+    code, out = doctor(capsys, config, "--user", NOBODY)
+    # Listening; 0600 root's, but no mail client connects to it: not a finding.
+    assert code == 0, "\n".join(out)
+
+
+def test_numeric_mail_uid_without_passwd_entry(home: Path, sockets: list[socket.socket],
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    config = quota_setup(home, sockets, mode=0o660, extra="mail_uid = 54321\nmail_gid = 54321\n")
+    os.chown(home / "run" / "qw", 0, 54321)
+    code, out = doctor(capsys, config)
+    assert code == 0, "\n".join(out)  # group 54321 may write
+    os.chown(home / "run" / "qw", 0, 0)
+    code, out = doctor(capsys, config)
+    assert code == 1
+    assert "mail user 54321 cannot connect" in one(out, "error:")
