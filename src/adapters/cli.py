@@ -469,6 +469,10 @@ def _serve_trio(settings: dict[str, Any]) -> None:
 # --- doctor ----------------------------------------------------------------------
 
 
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 def cmd_doctor(ns: argparse.Namespace) -> int:
     """Check every script service and client of a configuration; exit 1 with findings."""
     import json
@@ -488,8 +492,10 @@ def cmd_doctor(ns: argparse.Namespace) -> int:
     else:
         for finding in findings:
             print(format_finding(finding))
-        print(f"{len(plan.services)} script services, {len(plan.clients)} clients: "
-              f"{counts['errors']} errors, {counts['warnings']} warnings, {counts['notes']} notes")
+        print(", ".join(_count(n, what) for n, what in (
+            (len(plan.services), "script service"), (len(plan.clients), "client")))
+            + ": " + ", ".join(_count(counts[f"{level}s"], level)
+                               for level in ("error", "warning", "note")))
     return 1 if counts["errors"] or counts["warnings"] else 0
 
 

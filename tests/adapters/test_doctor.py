@@ -116,7 +116,7 @@ def test_clean_setup_exits_0(home: Path, sockets: list[socket.socket],
     assert out == [
         f"{config}:4: note: quota \"User quota\" / quota_warning warn-95 / execute qw: sends "
         "nothing; the script of service qw gets an empty environment (no PATH either)",
-        "1 script services, 1 clients: 0 errors, 0 warnings, 1 notes",
+        "1 script service, 1 client: 0 errors, 0 warnings, 1 note",
     ]
 
 
