@@ -418,6 +418,11 @@ class Doctor:
         if client.directory and isinstance(target, ForkTarget):
             self._bin_directory(client, target.path, mail)
             return
+        if "%" in getattr(target, "path", ""):
+            self._add("note", "target-varies", at,
+                      f"{client.label}: {target.label} depends on variables of the mail user "
+                      "(%...): one socket per user, not checked")
+            return
         if isinstance(target, ForkTarget):
             if mail is not None:
                 self._program(target.path, mail, at, f"{client.label}: program", sieve_bin=False)
@@ -520,8 +525,9 @@ class Doctor:
             self._add("warning", "noreply-output", at,
                       f"{client.label}: asks for no reply and reads nothing, but {script} "
                       f"writes to its output (line {shown}, read without running it): the "
-                      "output is lost, and once the client has closed the write fails with "
-                      "EPIPE (a set -e script stops there)",
+                      "output is lost, and once the client has closed the write fails (EPIPE: "
+                      "Dovecot starts scripts with SIGPIPE ignored), which stops a set -e script "
+                      "there",
                       "send the output to a log (>>FILE, logger) or start the script with "
                       "exec >/dev/null")
 

@@ -397,7 +397,8 @@ def test_noreply_client_script_writes_output(home: Path, sockets: list[socket.so
         f"{config}:4: warning: quota \"User quota\" / quota_warning warn-95 / execute qw: asks "
         f"for no reply and reads nothing, but {home}/qw.sh writes to its output (line 3, read "
         "without running it): the output is lost, and once the client has closed the write "
-        "fails with EPIPE (a set -e script stops there) — fix: send the output to a log "
+        "fails (EPIPE: Dovecot starts scripts with SIGPIPE ignored), which stops a set -e "
+        "script there — fix: send the output to a log "
         "(>>FILE, logger) or start the script with exec >/dev/null")
 
 
@@ -630,3 +631,14 @@ def test_numeric_mail_uid_without_passwd_entry(home: Path, sockets: list[socket.
     code, out = doctor(capsys, config)
     assert code == 1
     assert "mail user 54321 cannot connect" in one(out, "error:")
+
+
+def test_target_with_variables_is_noted(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """2.3 expands %u in a unix: path: one socket per user, not checked."""
+    config = home / "dovecot.conf"
+    config.write_text(f"plugin {{\n  quota_warning = storage=9%% unix:{home}/%u.sock 9 %u\n}}\n")
+    code, out = doctor(capsys, config, "--user", NOBODY)
+    assert code == 0
+    assert one(out, "depends") == (
+        f"{config}:2: note: plugin / quota_warning: unix:{home}/%u.sock depends on variables of "
+        "the mail user (%...): one socket per user, not checked")
