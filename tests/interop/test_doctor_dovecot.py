@@ -16,6 +16,7 @@ import json
 import os
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -239,3 +240,76 @@ def test_full_queue_fails_a_sieve_pipe(installation: Installation, workspace: Pa
     stderr = done.stderr.decode(errors="replace")
     assert done.returncode != 0, stderr
     assert "Connection timed out (> 5 msecs)" in stderr, stderr
+
+
+# The quota warning's script: records its exit status, writes after the
+# client is gone (doveadm closes once the request is sent), then marks "done".
+ECHOING = """\
+#!/bin/sh
+set -e
+trap 'echo $? >"$1/$3.status"' EXIT
+sleep 1
+echo "quota warning for $3"
+touch "$1/$3.done"
+"""
+QUIET = ECHOING.replace("set -e\n", "set -e\nexec >/dev/null\n")
+
+
+def test_noreply_quota_warning_and_output(installation: Installation,
+                                          workspace: Path) -> None:
+    """What noreply-output means: the quota warning's script dies at its echo.
+
+    doctor warns about the echo; Dovecot's quota warning (noreply, through
+    its own script service) then really stops the set -e script there,
+    while the same script with ``exec >/dev/null`` first runs to its end.
+    """
+    doveadm = installation.tool("doveadm")
+    if doveadm is None:
+        unavailable(f"Dovecot {installation.label}: doveadm not found")
+    root = workspace / "noreply"
+    (root / "mail").mkdir(parents=True)
+    os.chown(root / "mail", NOBODY, NOBODY)
+    marks = root / "marks"
+    marks.mkdir()
+    marks.chmod(0o777)
+    users = root / "users"
+    users.write_text("".join(f"{name}:{{PLAIN}}secret:{NOBODY}:{NOBODY}::{root}/mail/{name}::\n"
+                             for name in ("qw-echo", "qw-quiet")))
+    script_path = root / "qw.sh"
+    script_path.write_text(ECHOING)
+    script_path.chmod(0o755)
+    # One socket for every user (the harness's per-user %u path is one socket per user).
+    extra = installation.config.quota(users, sockets=root)
+    extra = extra.replace("%u.sock", "qw.sock").replace("%{user}.sock", "qw.sock")
+    service = ScriptService("qw", script_path, args=(str(marks),),
+                            unix_listener=str(root / "qw.sock"))
+    dovecot = PrivateDovecot([service], directory=root / "dovecot", installation=installation,
+                             extra_config=extra, wait_for=["auth-userdb"])
+    dovecot.start()
+    try:
+        report = cli("doctor", "--config", str(dovecot.config_path), "--user", "nobody",
+                     "--json")
+        (warning,) = _findings(json.loads(report.stdout), "noreply-output")
+        assert f"{script_path} writes to its output (line 5," in warning["message"]
+        message = b"From: a@example.com\r\nSubject: quota\r\n\r\n" + b"x" * 1500 + b"\r\n"
+        statuses = {}
+        for user, text in (("qw-echo", ECHOING), ("qw-quiet", QUIET)):
+            script_path.write_text(text)
+            saved = subprocess.run(installation.command(
+                [doveadm, "-c", str(dovecot.config_path), "save", "-u", user]), input=message,
+                capture_output=True, timeout=RUN_LIMIT, check=False)
+            assert saved.returncode == 0, saved.stderr
+            status = marks / f"{user}.status"
+            for _ in range(100):  # bounded: 10 s
+                if status.exists() and status.read_text().strip():
+                    break
+                time.sleep(0.1)
+            statuses[user] = (status.read_text().strip(), (marks / f"{user}.done").exists())
+        report = cli("doctor", "--config", str(dovecot.config_path), "--user", "nobody",
+                     "--json")
+        assert not _findings(json.loads(report.stdout), "noreply-output")
+    finally:
+        dovecot.stop()
+    assert statuses["qw-echo"][1] is False
+    assert statuses["qw-echo"][0] != "0"
+    assert statuses["qw-quiet"] == ("0", True)
