@@ -37,7 +37,7 @@ from execproto._doctor import (
     stdout_writes,
 )
 
-__all__ = ["LEVELS", "Doctor", "MailUser", "diagnose", "format_finding", "listening_unix",
+__all__ = ["LEVELS", "ROOT", "Doctor", "MailUser", "diagnose", "format_finding", "listening_unix",
            "lookup_user"]
 
 #: The levels, worst first; ``note`` lines are not findings for the exit status.
@@ -55,6 +55,10 @@ class MailUser:
     name: str
     uid: int
     gids: tuple[int, ...]
+
+
+#: Who checks are made for when no user applies (a missing service user, no mail user).
+ROOT = MailUser("root", 0, (0,))
 
 
 def lookup_user(spec: str, group: str = "") -> MailUser | None:
@@ -276,7 +280,7 @@ class Doctor:
             self._add("error", "service-user", service.user_at,
                       f"service {service.name}: user {service.user} does not exist: Dovecot "
                       "refuses to start", f"create {service.user} or set another user")
-            runs_as = MailUser("root", 0, (0,))
+            runs_as = ROOT
         script = service.script if service.script.startswith("/") else (
             f"{self.libexec_dir}/{service.script}")
         self._program(script, runs_as, at, f"service {service.name}: script", sieve_bin=False)
@@ -318,7 +322,7 @@ class Doctor:
 
     def _listener_mode(self, service: ServicePlan, listener: ListenerPlan,
                        mail: MailUser) -> None:
-        owner = lookup_user(listener.user) if listener.user else MailUser("root", 0, (0,))
+        owner = lookup_user(listener.user) if listener.user else ROOT
         group = _group_id(listener.group) if listener.group else 0
         if owner is None or group is None:
             return
@@ -362,8 +366,11 @@ class Doctor:
             self._add("error", "script-world-writable", at,
                       f"{what} {path} is world-writable: Pigeonhole refuses to run it",
                       f"chmod o-w {path}")
-        with open(path, "rb") as f:
-            head = f.read(256)
+        try:
+            with open(path, "rb") as f:
+                head = f.read(256)
+        except OSError:
+            head = b""  # doctor itself may not read it: the #! line is not checked
         shebang = parse_shebang(head)
         if not may_access(st.st_mode, st.st_uid, st.st_gid, user.uid, user.gids, 1):
             self._add("error", "script-not-executable", at,
@@ -424,8 +431,8 @@ class Doctor:
                       "(%...): one socket per user, not checked")
             return
         if isinstance(target, ForkTarget):
-            if mail is not None:
-                self._program(target.path, mail, at, f"{client.label}: program", sieve_bin=False)
+            self._program(target.path, mail or ROOT, at, f"{client.label}: program",
+                          sieve_bin=False)
             return
         self._socket(client, target.path, client.services, mail)
 
@@ -481,6 +488,10 @@ class Doctor:
         queued, backlog = listening[path]
         if client.connect_timeout_ms < RETRY_MS and backlog >= 0:
             self._backlog(client, path, queued, backlog)
+        elif client.connect_timeout_ms < RETRY_MS:
+            self._add("note", "backlog-unknown", at,
+                      f"{client.label}: the listen backlog of {path} is not known here (no "
+                      "sock_diag: load the unix_diag module, or see ss -xl): not checked")
         if client.noreply:
             for service in services:
                 self._noreply_output(client, service)
@@ -563,12 +574,10 @@ class Doctor:
                       f"{client.label}: {directory} does not exist: every program looked up "
                       "there is \"not found\"", f"mkdir {directory} and put the programs there")
             return
-        if mail is None:
-            return
         with contextlib.suppress(OSError):
             for entry in sorted(os.scandir(directory), key=lambda e: e.name):
                 if entry.is_file():
-                    self._program(entry.path, mail, at, f"{client.label}: program",
+                    self._program(entry.path, mail or ROOT, at, f"{client.label}: program",
                                   sieve_bin=True)
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from execproto.adapters.cli import main
-from execproto.adapters.doctor import listening_unix
+from execproto.adapters.cli import _read_config, main
+from execproto.adapters.doctor import diagnose, listening_unix
 
 NOBODY = "nobody"
 
@@ -642,3 +642,21 @@ def test_target_with_variables_is_noted(home: Path, capsys: pytest.CaptureFixtur
     assert one(out, "depends") == (
         f"{config}:2: note: plugin / quota_warning: unix:{home}/%u.sock depends on variables of "
         "the mail user (%...): one socket per user, not checked")
+
+
+def test_backlog_unknown_without_sock_diag(home: Path, sockets: list[socket.socket]) -> None:
+    """From /proc/net/unix alone the backlog is not known: said, not guessed."""
+    config = sieve_setup(home, sockets, backlog=1)
+    path = str(home / "run" / "sieve-pipe" / "do-something")
+    _, findings = diagnose(_read_config(str(config)), str(config), mail_user=NOBODY,
+                           listening={path: (-1, -1)})
+    assert sorted((f.level, f.code, f.line) for f in findings) == [
+        ("note", "backlog-unknown", 5), ("note", "environment", 5)]
+
+
+def test_fork_program_without_mail_user(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = home / "dovecot.conf"
+    config.write_text(f"plugin {{\n  quota_warning = storage=95%% exec:{home}/gone 95 %u\n}}\n")
+    code, out = doctor(capsys, config)
+    assert code == 1
+    assert f"plugin / quota_warning: program {home}/gone: No such file" in one(out, "error:")
