@@ -24,13 +24,17 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from execproto import DEFAULT_LIBEXEC_DIR, ConfigSection, ForkTarget, TcpTarget, UnixTarget
-from execproto._doctor import (
+from execproto import (
+    DEFAULT_LIBEXEC_DIR,
     ClientPlan,
+    ConfigSection,
     DoctorPlan,
     Finding,
+    ForkTarget,
     ListenerPlan,
     ServicePlan,
+    TcpTarget,
+    UnixTarget,
     may_access,
     parse_shebang,
     plan_checks,

@@ -50,6 +50,7 @@ from ._settings import (
 )
 
 __all__ = [
+    "PLUGIN_CONNECT_TIMEOUT_MS",
     "SIEVE_CONNECT_TIMEOUT_MS",
     "SIEVE_ENV",
     "ClientPlan",
