@@ -517,7 +517,9 @@ def stdout_writes(text: str) -> list[int] | None:
             heredoc = match.group(1)
         if re.match(r"exec\s+(1?>|&>)", code):
             return [n for n in lines if n < number] if lines else []
-        if ">" in code or "|" in code:
+        # Redirections of stderr alone (2>&1, 2>/dev/null) leave stdout where it was.
+        rest = re.sub(r"(?<![0-9&>])2>>?\s*(?:&1|\S+)", "", code)
+        if ">" in rest or "|" in rest:
             continue
         if _WRITERS.search(code):
             lines.append(number)

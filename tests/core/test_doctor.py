@@ -310,8 +310,11 @@ EOF
 printf 'x\\n' >>/var/log/quota.log
 [ -n "$1" ] && echo done
 if true; then printf hi; fi
+echo "to the log" >&2
+echo "both" 2>&1
+cat /etc/motd 2>/dev/null
 """
-    assert stdout_writes(script) == [4, 10, 11]
+    assert stdout_writes(script) == [4, 10, 11, 13, 14]
     assert stdout_writes("#!/bin/bash\nexec >/dev/null 2>&1\necho quiet\n") == []
     assert stdout_writes("#!/usr/bin/env bash\necho x\n") == [2]
     assert stdout_writes("#!/usr/bin/python3\nprint('x')\n") is None
