@@ -296,18 +296,40 @@ class Doctor:
                               f"service {service.name}: unix_listener {listener.path}: {what} "
                               f"{name} does not exist: Dovecot refuses to start",
                               f"create the {what} or change the setting")
-            directory = listener.path.rsplit("/", 1)[0] or "/"
-            # The master creates base_dir itself, nothing below it.
-            if (listener.path not in (self.listening or {}) and directory != self.plan.base_dir
-                    and not os.path.isdir(directory)):
-                self._add("error", "socket-directory", (listener.file, listener.line),
-                          f"service {service.name}: the directory {directory} of its socket "
-                          "does not exist: Dovecot does not create it and fails to start its "
-                          "listeners", f"mkdir {directory} (e.g. tmpfiles.d if under /run)")
+            if listener.path not in (self.listening or {}):
+                self._socket_directory_exists(service, listener)
             if listener.path not in self.reached:
                 self._unreached(service, listener)
             elif mail is not None:
                 self._listener_mode(service, listener, mail)
+
+    def _socket_directory_exists(self, service: ServicePlan, listener: ListenerPlan) -> None:
+        """Whether Dovecot can bind the listener: its directory exists or is made.
+
+        The master makes base_dir (with its parents).  2.3 makes nothing
+        else; 2.4 also makes a listener's directory below base_dir, one
+        level only (``mkdir(...) failed: No such file or directory``).
+        """
+        directory = listener.path.rsplit("/", 1)[0] or "/"
+        base = self.plan.base_dir
+        if directory == base or os.path.isdir(directory):
+            return
+        parent = directory.rsplit("/", 1)[0] or "/"
+        if self.plan.version24 and directory.startswith(base + "/"):
+            if parent == base or os.path.isdir(parent):
+                return
+            self._add("error", "socket-directory", (listener.file, listener.line),
+                      f"service {service.name}: the directory {parent} above its socket "
+                      f"{listener.path} does not exist: Dovecot 2.4 creates only the last "
+                      f"directory and fails to start (mkdir({directory}) failed: No such file "
+                      "or directory)", f"mkdir {parent} (e.g. tmpfiles.d if under /run)")
+            return
+        where = "outside base_dir, " if self.plan.version24 else ""
+        self._add("error", "socket-directory", (listener.file, listener.line),
+                  f"service {service.name}: the directory {directory} of its socket does not "
+                  f"exist: {where}Dovecot does not create it and fails to start its listeners "
+                  f"(bind({listener.path}) failed: No such file or directory)",
+                  f"mkdir {directory} (e.g. tmpfiles.d if under /run)")
 
     def _unreached(self, service: ServicePlan, listener: ListenerPlan) -> None:
         """Check that something listens on a socket no client here connects to."""
@@ -551,9 +573,9 @@ class Doctor:
         at = (client.file, client.line)
         if not os.path.isdir(directory):
             self._add("error", "sieve-directory", at,
-                      f"{client.label}: {directory} does not exist: no program is found "
-                      "there, and Dovecot does not create it for listeners",
-                      f"mkdir {directory}")
+                      f"{client.label}: {directory} does not exist: no program is found there",
+                      f"mkdir {directory}, or start the services listening in it"
+                      + (" (Dovecot 2.4 creates it then)" if self.plan.version24 else ""))
             return
         by_path = {lst.path: s for s in client.services for lst in s.listeners}
         names = set(by_path)

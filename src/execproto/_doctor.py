@@ -190,6 +190,7 @@ class DoctorPlan:
         base_dir: the base directory used for relative socket paths.
         mail_user: ``mail_uid``'s value (``""`` when not set) and where.
         mail_group: ``mail_gid``'s value (``""`` when not set).
+        version24: the file is a 2.4 configuration (``dovecot_config_version``).
         services: the script services.
         clients: the clients, in text order.
         findings: problems visible in the configuration alone.
@@ -200,6 +201,7 @@ class DoctorPlan:
     base_dir: str
     mail_user: tuple[str, Where]
     mail_group: str = ""
+    version24: bool = False
     services: list[ServicePlan] = field(default_factory=list)
     clients: list[ClientPlan] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
@@ -535,7 +537,8 @@ def plan_checks(root: ConfigSection, *, base_dir: str | None = None) -> DoctorPl
     """
     base = (base_dir or root.get("base_dir") or DEFAULT_BASE_DIR).rstrip("/") or "/"
     mail_uid = root.get("mail_uid") or ""
-    plan = DoctorPlan(base, (mail_uid, _where(root, "mail_uid")), root.get("mail_gid") or "")
+    plan = DoctorPlan(base, (mail_uid, _where(root, "mail_uid")), root.get("mail_gid") or "",
+                      root.where("dovecot_config_version") is not None)
     plan.services = _services(root, base, plan.findings)
     _execute_clients(root, plan)
     _legacy_clients(root, plan)

@@ -268,9 +268,32 @@ def test_socket_directory_missing(home: Path, capsys: pytest.CaptureFixture[str]
     assert code == 1
     assert out[0] == (
         f"{config}:4: error: service s: the directory {home}/run/sub of its socket does not "
-        "exist: Dovecot does not create it and fails to start its listeners — fix: mkdir "
-        f"{home}/run/sub (e.g. tmpfiles.d if under /run)")
+        f"exist: Dovecot does not create it and fails to start its listeners (bind({home}/run/"
+        f"sub/s) failed: No such file or directory) — fix: mkdir {home}/run/sub (e.g. "
+        "tmpfiles.d if under /run)")
     assert not lines_with(out, f"{home}/run of its socket")
+
+
+def test_socket_directory_24(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """2.4 makes a listener's directory below base_dir, one level only."""
+    config = home / "dovecot.conf"
+    config.write_text(f"dovecot_config_version = 2.4.0\nbase_dir = {home}/run\n"
+                      "service s {\n  executable = script /bin/true\n"
+                      "  unix_listener sub/s {\n  }\n  unix_listener a/b/s {\n  }\n"
+                      f"  unix_listener {home}/elsewhere/s {{\n  }}\n}}\n")
+    code, out = doctor(capsys, config)
+    assert code == 1
+    found = lines_with(out, "error: service s: the directory")
+    assert found == [
+        f"{config}:7: error: service s: the directory {home}/run/a above its socket "
+        f"{home}/run/a/b/s does not exist: Dovecot 2.4 creates only the last directory and "
+        f"fails to start (mkdir({home}/run/a/b) failed: No such file or directory) — fix: "
+        f"mkdir {home}/run/a (e.g. tmpfiles.d if under /run)",
+        f"{config}:9: error: service s: the directory {home}/elsewhere of its socket does not "
+        f"exist: outside base_dir, Dovecot does not create it and fails to start its listeners "
+        f"(bind({home}/elsewhere/s) failed: No such file or directory) — fix: mkdir "
+        f"{home}/elsewhere (e.g. tmpfiles.d if under /run)",
+    ]
 
 
 # --- scripts ---------------------------------------------------------------------------
@@ -527,8 +550,8 @@ def test_sieve_socket_directory_missing(home: Path, capsys: pytest.CaptureFixtur
     code, out = doctor(capsys, config, "--user", NOBODY)
     assert code == 1
     assert out[0] == (f"{config}:3: error: sieve_pipe_socket_dir: {home}/gone does not exist: "
-                      "no program is found there, and Dovecot does not create it for "
-                      f"listeners — fix: mkdir {home}/gone")
+                      f"no program is found there — fix: mkdir {home}/gone, or start the "
+                      "services listening in it")
 
 
 def test_sieve_bin_directory(home: Path, capsys: pytest.CaptureFixture[str]) -> None:

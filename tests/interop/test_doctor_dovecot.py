@@ -313,3 +313,67 @@ def test_noreply_quota_warning_and_output(installation: Installation,
     assert statuses["qw-echo"][1] is False
     assert statuses["qw-echo"][0] != "0"
     assert statuses["qw-quiet"] == ("0", True)
+
+
+def _listener_in(path: str) -> str:
+    return (f"service qw-open {{\n  unix_listener {path} {{\n    mode = 0666\n  }}\n}}\n")
+
+
+def _refusal(code: str, installation: Installation) -> tuple[str, str]:
+    """What the configuration adds for *code*, and what Dovecot then says."""
+    if code == "listener-owner":
+        return ("service qw-open {\n  unix_listener qw-open {\n    user = no-such-user-x\n"
+                "  }\n}\n", "no-such-user-x")
+    if code == "service-user":
+        return "service qw-open {\n  user = no-such-user-x\n}\n", "no-such-user-x"
+    # 2.3 makes no listener directory (bind fails), 2.4 one level below base_dir (mkdir fails).
+    if installation.version >= (2, 4):
+        return _listener_in("sub/deeper/qw-sub"), "mkdir("
+    return _listener_in("sub/qw-sub"), "bind("
+
+
+@pytest.mark.parametrize("code", ["listener-owner", "service-user", "socket-directory"])
+def test_dovecot_refuses_what_doctor_reports(installation: Installation, workspace: Path,
+                                             code: str) -> None:
+    """The findings that say "Dovecot does not start": it does not."""
+    added, needle = _refusal(code, installation)
+    made = Setup(installation, workspace / f"refuses-{code}")
+    made.dovecot.extra_config += added
+    made.dovecot.config_path.parent.mkdir(parents=True, exist_ok=True)
+    made.dovecot.config_path.write_text(made.dovecot.config_text())
+    done = cli("doctor", "--config", str(made.config), "--user", "nobody", "--json")
+    # (Dovecot has not made the harness's sieve-pipe directory yet: skip that one.)
+    (finding,) = [f for f in _findings(json.loads(done.stdout), code)
+                  if "sieve-pipe" not in f["message"]]
+    assert finding["level"] == "error"
+    assert "does not exist" in finding["message"]
+    assert needle in finding["message"] or code != "socket-directory"
+    try:
+        with pytest.raises(RuntimeError) as refused:
+            made.dovecot.start()
+    finally:
+        made.dovecot.stop()
+    assert needle in str(refused.value)
+
+
+def test_listener_one_directory_below_base_dir(installation: Installation,
+                                               workspace: Path) -> None:
+    """2.4 makes it and starts (doctor says nothing); 2.3 does not (doctor says so)."""
+    made = Setup(installation, workspace / "one-level")
+    made.dovecot.extra_config += _listener_in("sub/qw-sub")
+    made.dovecot.config_path.parent.mkdir(parents=True, exist_ok=True)
+    made.dovecot.config_path.write_text(made.dovecot.config_text())
+    done = cli("doctor", "--config", str(made.config), "--user", "nobody", "--json")
+    reported = [f for f in _findings(json.loads(done.stdout), "socket-directory")
+                if "sieve-pipe" not in f["message"]]
+    try:
+        if installation.version >= (2, 4):
+            assert not reported
+            made.dovecot.start()
+            assert (made.dovecot.base_dir / "sub").is_dir()
+        else:
+            assert len(reported) == 1
+            with pytest.raises(RuntimeError, match="bind"):
+                made.dovecot.start()
+    finally:
+        made.dovecot.stop()
