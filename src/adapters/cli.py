@@ -1,4 +1,4 @@
-"""The ``execproto`` command: run, serve, demo, vectors.
+"""The ``execproto`` command: run, serve, doctor, demo, vectors.
 
 Exit status of ``execproto run``: 0 success, 1 failure (the script said
 ``-``, exited non-zero or died of a signal), 75 (EX_TEMPFAIL) internal
@@ -466,6 +466,39 @@ def _serve_trio(settings: dict[str, Any]) -> None:
     trio.run(main)
 
 
+# --- doctor ----------------------------------------------------------------------
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def cmd_doctor(ns: argparse.Namespace) -> int:
+    """Check every script service and client of a configuration; exit 1 with findings."""
+    import json
+
+    from .doctor import diagnose, format_finding
+
+    root = _read_config(ns.config)
+    plan, findings = diagnose(root, ns.config, mail_user=ns.user, base_dir=ns.base_dir,
+                              libexec_dir=ns.libexec_dir)
+    counts = {f"{level}s": sum(f.level == level for f in findings)
+              for level in ("error", "warning", "note")}
+    if ns.json:
+        print(json.dumps({"findings": [
+            {"file": f.file, "line": f.line, "level": f.level, "code": f.code,
+             "message": f.message, "fix": f.fix} for f in findings],
+            "services": len(plan.services), "clients": len(plan.clients), **counts}, indent=2))
+    else:
+        for finding in findings:
+            print(format_finding(finding))
+        print(", ".join(_count(n, what) for n, what in (
+            (len(plan.services), "script service"), (len(plan.clients), "client")))
+            + ": " + ", ".join(_count(counts[f"{level}s"], level)
+                               for level in ("error", "warning", "note")))
+    return 1 if counts["errors"] or counts["warnings"] else 0
+
+
 # --- vectors ---------------------------------------------------------------------
 
 
@@ -702,6 +735,25 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--adapter", choices=ADAPTERS, default="blocking",
                        help="I/O flavour (default %(default)s)")
     serve.set_defaults(func=cmd_serve)
+
+    doctor = sub.add_parser(
+        "doctor", help="check script services and the clients that reach them",
+        description="Walk every script service of a dovecot.conf and every client that "
+                    "reaches one (quota warnings, quota_over_status, welcome, Sieve socket and "
+                    "bin directories) and report what stops them, one line each with the file "
+                    "and line of the setting. Connects to nothing and runs nothing. Exit "
+                    "status: 0 clean (notes only), 1 errors or warnings, 64 usage error.")
+    doctor.add_argument("--config", required=True, metavar="FILE", help="the dovecot.conf")
+    doctor.add_argument("--user", metavar="MAILUSER",
+                        help="the user mail processes run as, who connects to the sockets "
+                             "(default: mail_uid)")
+    doctor.add_argument("--base-dir", metavar="DIR",
+                        help=f"base of relative socket paths (default: base_dir or "
+                             f"{DEFAULT_BASE_DIR})")
+    doctor.add_argument("--libexec-dir", default=DEFAULT_LIBEXEC_DIR, metavar="DIR",
+                        help="base of relative script paths (default %(default)s)")
+    doctor.add_argument("--json", action="store_true", help="one JSON document instead of lines")
+    doctor.set_defaults(func=cmd_doctor)
 
     demo = sub.add_parser("demo", help="show the protocol on all three drivers",
                           description="Start a sample service on a temporary unix socket and a "

@@ -18,6 +18,8 @@ Service side: :class:`ServiceConnection`.  Codecs: :func:`encode_request`,
 :class:`HeaderParser`, :class:`ResultCodeFilter`, :class:`DotEncoder`,
 :class:`DotDecoder`, :func:`tab_escape`, :func:`tab_unescape`.  Settings:
 :func:`parse_target`, :class:`ExecuteSettings`, :func:`parse_config`.
+What ``execproto doctor`` checks, from a configuration alone:
+:func:`plan_checks`.
 """
 
 from ._argv import fork_argv, service_argv
@@ -37,6 +39,20 @@ from ._config import (
     parse_config,
     parse_script_command,
     sieve_programs,
+)
+from ._doctor import (
+    SIEVE_CONNECT_TIMEOUT_MS,
+    SIEVE_ENV,
+    ClientPlan,
+    DoctorPlan,
+    Finding,
+    ListenerPlan,
+    ServicePlan,
+    may_access,
+    parse_shebang,
+    plan_checks,
+    script_environment,
+    stdout_writes,
 )
 from ._dot import DotDecoder, DotEncoder
 from ._errors import ConfigError, LocalProtocolError, ProtocolError, RemoteProtocolError
@@ -86,21 +102,27 @@ __all__ = [
     "DRIVERS",
     "NEED_DATA",
     "SCRIPT_MAJOR_VERSION",
+    "SIEVE_CONNECT_TIMEOUT_MS",
+    "SIEVE_ENV",
     "BytesLike",
     "ClientConnection",
+    "ClientPlan",
     "ClientState",
     "ConfigError",
     "ConfigLoader",
     "ConfigSection",
     "Data",
+    "DoctorPlan",
     "DotDecoder",
     "DotEncoder",
     "EndOfInput",
     "EnvLike",
     "ErrorKind",
     "ExecuteSettings",
+    "Finding",
     "ForkTarget",
     "HeaderParser",
+    "ListenerPlan",
     "LocalProtocolError",
     "Output",
     "ParsedHeader",
@@ -113,6 +135,7 @@ __all__ = [
     "ScriptExited",
     "ScriptRequest",
     "ServiceConnection",
+    "ServicePlan",
     "ServiceSettings",
     "ServiceState",
     "Status",
@@ -131,13 +154,18 @@ __all__ = [
     "fork_argv",
     "legacy_executes",
     "list_executes",
+    "may_access",
     "parse_config",
     "parse_env_allowlist",
     "parse_hostport",
     "parse_script_command",
+    "parse_shebang",
     "parse_target",
+    "plan_checks",
+    "script_environment",
     "service_argv",
     "sieve_programs",
+    "stdout_writes",
     "tab_escape",
     "tab_unescape",
 ]

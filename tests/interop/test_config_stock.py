@@ -12,12 +12,15 @@ the same commands on every version.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from execproto.adapters.doctor import lookup_user
 
 from .doveconf import VERSIONS, Doveconf, doveconf_for, enable_block, example_blocks
 from .tools import ServeProcess, cli, read_records, unavailable, write_probe
@@ -147,3 +150,86 @@ def test_sieve_pipe_program(doveconf: Doveconf, tmp_path: Path) -> None:
     done = cli("run", "--config", config, "--sieve", "filter", "do-something", "--no-input")
     assert done.returncode == EX_USAGE
     assert b"vnd.dovecot.filter extension is unconfigured" in done.stderr
+
+
+def _line_of(path: Path, pattern: str, after: int = 0) -> int:
+    """The 1-based number of the first line from *after* on matching *pattern*."""
+    lines = path.read_text().split("\n")
+    return next(i for i in range(after, len(lines)) if re.search(pattern, lines[i])) + 1
+
+
+def test_doctor_on_the_stock_tree(doveconf: Doveconf, tree: Path, tmp_path: Path) -> None:
+    """Only what is really wrong here: no service runs, the example's script and user are
+    not installed; the quota warnings send no environment (notes)."""
+    base = tmp_path / "run"
+    base.mkdir()
+    done = cli("doctor", "--config", str(tree / "dovecot.conf"), "--base-dir", str(base),
+               "--json")
+    report = json.loads(done.stdout)
+    quota = tree / "conf.d" / "90-quota.conf"
+    service = _line_of(quota, r"^service quota-warning")
+    if doveconf.is_24:
+        clients = [_line_of(quota, r"^\s*execute quota-warning", _line_of(quota, "warn-95")),
+                   _line_of(quota, r"^\s*execute quota-warning", _line_of(quota, "warn-80"))]
+    else:
+        clients = [_line_of(quota, r"^\s*quota_warning ="), _line_of(quota, r"^\s*quota_warning2")]
+    expected: set[tuple[str, int | None, str, str]] = {
+        (str(quota), line, "error", "socket-missing") for line in clients}
+    expected |= {(str(quota), line, "note", "environment") for line in clients}
+    expected.add((str(tree / "dovecot.conf"), None, "note", "mail-user"))
+    script = "/usr/local/bin/quota-warning.sh"
+    if not Path(script).exists():
+        expected.add((str(quota), service + 1, "error", "script-missing"))
+    if lookup_user("vmail") is None:
+        expected.add((str(quota), service + 4, "error", "listener-owner"))
+    found = {(f["file"], f["line"], f["level"], f["code"]) for f in report["findings"]}
+    assert found == expected, json.dumps(report, indent=1)
+    assert done.returncode == 1
+    assert (report["services"], report["clients"]) == (1, 2)
+    # The socket of a quota warning: named by the service, one line per client.
+    message = next(f["message"] for f in report["findings"] if f["code"] == "socket-missing")
+    assert f"no socket at {base}/quota-warning" in message
+
+
+def test_doctor_on_the_stock_sieve_example(doveconf: Doveconf, tmp_path: Path) -> None:
+    """The extprograms example: do-something behind sieve_pipe_socket_dir.
+
+    Really wrong here: nothing was installed or made (the script, the
+    socket directory, the vmail user of its listener), and the service has
+    no -e list, so its script would get none of what Pigeonhole sends. 2.3
+    also fails to start, the listener's directory missing; 2.4 makes it.
+    """
+    copy = tmp_path / "dovecot"
+    shutil.copytree(doveconf.real(doveconf.stock()), copy, symlinks=True)
+    extprograms = copy / "conf.d" / "90-sieve-extprograms.conf"
+    _enable(extprograms, "service do-something")
+    extprograms.write_text(re.sub(r"(?m)^(\s*)#(sieve_pipe_socket_dir = )", r"\1\2",
+                                  extprograms.read_text()))
+    base = tmp_path / "run"
+    base.mkdir()
+    done = cli("doctor", "--config", str(copy / "dovecot.conf"), "--base-dir", str(base),
+               "--json")
+    report = json.loads(done.stdout)
+    name = str(extprograms)
+    socket_dir = _line_of(extprograms, r"^\s*sieve_pipe_socket_dir =")
+    service = _line_of(extprograms, r"^service do-something")
+    listener = _line_of(extprograms, r"^\s*unix_listener sieve-pipe/do-something")
+    expected: set[tuple[str, int | None, str, str]] = {
+        (name, socket_dir, "error", "sieve-directory"),
+        (name, socket_dir, "warning", "environment-dropped"),
+        (str(copy / "dovecot.conf"), None, "note", "mail-user"),
+    }
+    if not Path("/usr/lib/dovecot/sieve-pipe/do-something.sh").exists():
+        expected.add((name, _line_of(extprograms, r"^\s*executable =", service), "error",
+                      "script-missing"))
+    if lookup_user("dovenull") is None:
+        expected.add((name, _line_of(extprograms, r"^\s*user = dovenull"), "error",
+                      "service-user"))
+    if lookup_user("vmail") is None:
+        expected.add((name, _line_of(extprograms, r"^\s*user = vmail"), "error",
+                      "listener-owner"))
+    if not doveconf.is_24:
+        expected.add((name, listener, "error", "socket-directory"))
+    found = {(f["file"], f["line"], f["level"], f["code"]) for f in report["findings"]}
+    assert found == expected, json.dumps(report, indent=1)
+    assert done.returncode == 1
