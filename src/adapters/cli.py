@@ -253,6 +253,15 @@ def _pick_sieve(root: Any, extension: str, program: str, base_dir: str) -> Execu
     return candidates[0]
 
 
+def _load_config(path: str, base_dir: str | None) -> tuple[Any, str]:
+    """The parsed configuration and the base_dir to use (``--base-dir`` wins)."""
+    root = _read_config(path)
+    try:
+        return root, base_dir or root.get("base_dir") or DEFAULT_BASE_DIR
+    except ConfigError as exc:
+        raise _config_error(path, exc) from None
+
+
 def _resolve_run_target(ns: argparse.Namespace) -> tuple[Target, list[str]]:
     variables = dict(_pairs(ns.var, "--var"))
     if not ns.config and (ns.sieve or ns.execute or ns.filter):
@@ -260,13 +269,12 @@ def _resolve_run_target(ns: argparse.Namespace) -> tuple[Target, list[str]]:
     if ns.sieve and (ns.execute or ns.filter):
         raise UsageError("--sieve and --execute/--filter exclude each other")
     if ns.config:
-        root = _read_config(ns.config)
+        root, base_dir = _load_config(ns.config, ns.base_dir)
         try:
-            base_dir = ns.base_dir or root.get("base_dir") or DEFAULT_BASE_DIR
             if ns.sieve:
                 settings = _pick_sieve(root, ns.sieve[0], ns.sieve[1], base_dir)
             else:
-                settings = _pick_execute(root, ns.execute, ns.filter or [])
+                settings = _pick_execute(root, ns.execute, ns.filter or []).expand(variables)
             target = settings.target(base_dir=base_dir)
             args = list(settings.expand_args(variables))
         except ConfigError as exc:
