@@ -1,0 +1,164 @@
+"""``execproto trigger`` against Dovecot's own clients, byte for byte.
+
+For each installation (2.3.19, 2.4.1, 2.4.5) a :class:`tools.RecordingService`
+listens where the client connects, behind one generated configuration. The
+client runs once for real (the quota warning through ``doveadm save``,
+Pigeonhole's programs through ``sieve-test``) and once as ``execproto trigger
+KIND --config <the same file>``; the recorded requests must be the same
+bytes. Both runs use the same user, so the configuration's ``%u`` /
+``%{user}`` expand alike.
+
+What the two runs cannot share is named and normalized where it appears
+(see :func:`test_sieve`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from .dovecot import Installation, PrivateDovecot
+from .test_dovecot_clients import NOBODY, SIEVE_USER, run_in, tool
+from .tools import RecordingService, cli
+
+USER = "qw-trigger"
+MESSAGE = b"From: a@example.com\nTo: rcpt@example.com\nSubject: hello\n\nbody line\n.dot\n"
+SENDER = "sender@example.com"
+RECIPIENT = "rcpt@example.com"
+ORIG_RECIPIENT = "orig@example.com"
+# Literal Sieve strings: a space, a TAB (sent tab-escaped), and an empty one,
+# which Pigeonhole sends as an empty line: the header ends there for the
+# service (quirk Q5); trigger sends the same bytes.
+PROGRAM_ARGS = ["one", "two words", "tab\there", "", "after"]
+
+
+def trigger(*args: str) -> tuple[int, str]:
+    """``execproto trigger ARGS``: exit status and stderr."""
+    done = cli("trigger", *args)
+    return done.returncode, done.stderr.decode(errors="replace")
+
+
+# --- quota warnings through doveadm ----------------------------------------------------
+
+
+@dataclass
+class Quota:
+    installation: Installation
+    dovecot: PrivateDovecot
+    root: Path
+
+
+@pytest.fixture(scope="module")
+def quota(installation: Installation, workspace: Path) -> Iterator[Quota]:
+    root = workspace / "quota"
+    mail = root / "mail"
+    mail.mkdir(parents=True)
+    os.chown(mail, NOBODY, NOBODY)
+    users = root / "users"
+    users.write_text(f"{USER}:{{PLAIN}}secret:{NOBODY}:{NOBODY}::{mail}/{USER}::\n")
+    # The warning goes to unix:ROOT/<user>.sock (2.3: %u, 2.4: %{user}).
+    extra = installation.config.quota(users, sockets=root)
+    dovecot = PrivateDovecot([], directory=root / "dovecot", installation=installation,
+                             extra_config=extra, wait_for=["auth-userdb"])
+    dovecot.start()
+    try:
+        yield Quota(installation, dovecot, root)
+    finally:
+        dovecot.stop()
+
+
+def test_quota_warning(quota: Quota) -> None:
+    message = b"From: a@example.com\r\nSubject: quota\r\n\r\n" + b"x" * 1500 + b"\r\n"
+    config = str(quota.dovecot.config_path)
+    with RecordingService(quota.root / f"{USER}.sock", reply=None) as recorder:
+        saved = run_in(quota.installation, [tool(quota.installation, "doveadm"), "-c", config,
+                                            "save", "-u", USER], input=message)
+        assert saved.returncode == 0, saved.stderr.decode(errors="replace")
+        (dovecot,) = recorder.wait(1)
+        code, stderr = trigger("quota-warning", "--config", config, "--user", USER)
+        _, ours = recorder.wait(2)
+    assert dovecot == b"VERSION\tscript\t4\t0\nnoreply\n10\nqw-trigger\n\n"
+    assert ours == dovecot
+    assert code == 0, stderr
+    assert "sent; the quota plugin closes the connection without waiting" in stderr
+
+
+# --- Pigeonhole's programs through sieve-test -----------------------------------------------
+
+SCRIPTS = {
+    "sieve-pipe": 'require "vnd.dovecot.pipe";\npipe "prog" {args};\n',
+    "sieve-filter": 'require "vnd.dovecot.filter";\nfilter "prog" {args};\n',
+    "sieve-execute": 'require "vnd.dovecot.execute";\nexecute :pipe "prog" {args};\n',
+}
+
+
+def sieve_list(values: list[str]) -> str:
+    return "[" + ", ".join('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+                           for v in values) + "]"
+
+
+def passwd(installation: Installation, uid: int) -> tuple[str, str]:
+    """Name and home of ``uid`` in the installation's /etc/passwd."""
+    for line in installation.host_path("/etc/passwd").read_text().splitlines():
+        fields = line.split(":")
+        if len(fields) > 5 and fields[2] == str(uid):
+            return fields[0], fields[5]
+    raise AssertionError(f"uid {uid} not in {installation.label}'s /etc/passwd")
+
+
+def host_line(request: bytes) -> bytes:
+    found = re.search(rb"^env_HOST=.*$", request, re.MULTILINE)
+    assert found is not None, request
+    return found.group()
+
+
+@pytest.mark.parametrize("kind", list(SCRIPTS))
+def test_sieve(installation: Installation, workspace: Path, kind: str) -> None:
+    tool(installation, "sieve-test")
+    extension = kind.removeprefix("sieve-")
+    work = workspace / kind
+    (work / "mail").mkdir(parents=True)
+    script = work / "test.sieve"
+    script.write_text(SCRIPTS[kind].format(args=sieve_list(PROGRAM_ARGS)))
+    message = work / "msg.eml"
+    message.write_bytes(MESSAGE)
+    for path in (work, work / "mail", script):
+        os.chown(path, NOBODY, NOBODY)  # sieve-test saves the compiled script
+    base_dir = work / "run"
+    config = work / "sieve.conf"
+    config.write_text(installation.config.sieve(base_dir, work / "mail"))
+    # 2.3's sieve-test passes its USER and HOME environment variables, 2.4's
+    # the name and home of its uid (PROTOCOL.md appendix B).
+    user, home = (SIEVE_USER, str(work)) if installation.version < (2, 4) else passwd(
+        installation, NOBODY)
+    with RecordingService(base_dir / f"sieve-{extension}" / "prog") as recorder:
+        done = run_in(
+            installation,
+            [tool(installation, "sieve-test"), "-c", str(config), "-e", "-f", SENDER,
+             "-r", RECIPIENT, "-a", ORIG_RECIPIENT, str(script), str(message)],
+            as_nobody=True,
+            env={"USER": SIEVE_USER, "HOME": str(work), "PATH": os.environ.get("PATH", "")})
+        assert done.returncode == 0, done.stderr.decode(errors="replace")
+        (dovecot,) = recorder.wait(1)
+        code, stderr = trigger(kind, "--config", str(config), "--user", user, "--home",
+                               home, "--program", "prog", *PROGRAM_ARGS, "--message",
+                               str(message), "--sender", SENDER, "--recipient", RECIPIENT,
+                               "--orig-recipient", ORIG_RECIPIENT)
+        _, ours = recorder.wait(2)
+    header = (f"VERSION\tscript\t4\t0\nenv_USER={user}\nenv_HOME={home}\n").encode()
+    assert dovecot.startswith(header), dovecot
+    # HOST: trigger's default follows Dovecot's my_hostdomain() (the
+    # canonical name of the host name); the chroots resolve it alike.
+    assert host_line(ours) == host_line(dovecot)
+    assert ours == dovecot
+    assert dovecot.endswith(
+        f"env_SENDER={SENDER}\nenv_RECIPIENT={RECIPIENT}\nenv_ORIG_RECIPIENT={ORIG_RECIPIENT}\n"
+        "-\none\ntwo words\ntab\x01there\n\nafter\n\n".encode() + MESSAGE.replace(b"\n", b"\r\n"))
+    assert code == 0, stderr
+    assert ("piped message to program 'prog'" if kind == "sieve-pipe"
+            else "executed program successfully") in stderr
