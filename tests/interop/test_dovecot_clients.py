@@ -581,6 +581,9 @@ def test_configs_are_clean(installation: Installation, public_dir: Path) -> None
         "services": dovecot.config_text(),
         "quota": dovecot.config_text() + config.quota(users, sockets=work),
         "quota-fork": dovecot.config_text() + config.quota(users, fork=["/bin/true", "x"]),
+        "welcome": dovecot.config_text() + config.welcome(users, work / "w.sock", wait=True),
+        "quota-over-status": dovecot.config_text() + config.quota_over_status(users,
+                                                                              work / "o.sock"),
         "sieve": config.sieve(work / "run", work / "mail"),
         "lda": config.lda_redirect(work / "run", work / "mail", work / "x.sieve", 25),
     }

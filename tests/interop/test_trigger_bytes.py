@@ -2,14 +2,21 @@
 
 For each installation (2.3.19, 2.4.1, 2.4.5) a :class:`tools.RecordingService`
 listens where the client connects, behind one generated configuration. The
-client runs once for real (the quota warning through ``doveadm save``,
-Pigeonhole's programs through ``sieve-test``) and once as ``execproto trigger
-KIND --config <the same file>``; the recorded requests must be the same
-bytes. Both runs use the same user, so the configuration's ``%u`` /
-``%{user}`` expand alike.
+client runs once for real and once as ``execproto trigger KIND --config <the
+same file>``; the recorded requests must be the same bytes:
 
-What the two runs cannot share is named and normalized where it appears
-(see :func:`test_sieve`).
+* quota-warning: ``doveadm save`` crosses the warning's threshold;
+* quota-over-status: ``doveadm quota get`` for a user whose userdb flag says
+  over quota while the user is not (the flag is given to trigger with
+  ``--current``: it comes from the userdb, which trigger does not read);
+* welcome (``wait = no`` and ``yes``): ``doveadm save`` creates a new user's
+  INBOX;
+* sieve-pipe, sieve-filter, sieve-execute: ``sieve-test`` runs ``pipe``,
+  ``filter`` and ``execute :pipe`` with the envelope options; trigger gets
+  the same user, home and envelope.
+
+Both runs use the same user, so the configuration's ``%u`` / ``%{user}``
+expand alike. Nothing needs normalizing: HOST too is the same.
 """
 
 from __future__ import annotations
@@ -86,6 +93,87 @@ def test_quota_warning(quota: Quota) -> None:
     assert ours == dovecot
     assert code == 0, stderr
     assert "sent; the quota plugin closes the connection without waiting" in stderr
+
+
+# --- welcome and quota_over_status through doveadm ------------------------------------------
+
+
+@dataclass
+class Plugins:
+    installation: Installation
+    dovecot: PrivateDovecot
+    root: Path
+    users: Path
+
+    def config(self, extra: str, name: str) -> Path:
+        """The private Dovecot's configuration with ``extra`` as its mail settings."""
+        path = self.root / f"{name}.conf"
+        path.write_text(self.dovecot.config_text().replace(self.dovecot.extra_config, extra))
+        return path
+
+    def doveadm(self, config: Path, *args: str) -> None:
+        done = run_in(self.installation,
+                      [tool(self.installation, "doveadm"), "-c", str(config), *args],
+                      input=b"From: a@example.com\r\nSubject: hi\r\n\r\nhi\r\n")
+        assert done.returncode == 0, done.stderr.decode(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def plugins(installation: Installation, workspace: Path) -> Iterator[Plugins]:
+    root = workspace / "plugins"
+    mail = root / "mail"
+    mail.mkdir(parents=True)
+    os.chown(mail, NOBODY, NOBODY)
+    users = root / "users"
+    flag = f"userdb_{installation.config.over_status_field}=TRUE"
+    users.write_text("".join(
+        f"{name}:{{PLAIN}}secret:{NOBODY}:{NOBODY}::{mail}/{name}::{extra}\n"
+        for name, extra in (("wl-no", ""), ("wl-yes", ""), ("qo-flag", flag))))
+    extra = installation.config.welcome(users, root / "welcome.sock", wait=False)
+    dovecot = PrivateDovecot([], directory=root / "dovecot", installation=installation,
+                             extra_config=extra, wait_for=["auth-userdb"])
+    dovecot.start()
+    try:
+        yield Plugins(installation, dovecot, root, users)
+    finally:
+        dovecot.stop()
+
+
+@pytest.mark.parametrize("wait", [False, True], ids=["wait-no", "wait-yes"])
+def test_welcome(plugins: Plugins, wait: bool) -> None:
+    """Creating the INBOX (doveadm save to a new user) runs the welcome script."""
+    user = "wl-yes" if wait else "wl-no"
+    socket = plugins.root / "welcome.sock"
+    config = plugins.config(plugins.installation.config.welcome(plugins.users, socket, wait),
+                            f"welcome-{user}")
+    # 2.3's welcome client never half-closes: answer once the header is in.
+    with RecordingService(socket, b"+\n" if wait else None, header_only=True) as recorder:
+        plugins.doveadm(config, "save", "-u", user)
+        (dovecot,) = recorder.wait(1)
+        code, stderr = trigger("welcome", "--config", str(config), "--user", user)
+        _, ours = recorder.wait(2)
+    options = b"-" if wait else b"noreply"
+    assert dovecot == b"VERSION\tscript\t4\t0\n" + options + f"\nhello\n{user}\n\n".encode()
+    assert ours == dovecot
+    assert code == 0, stderr
+    assert ("success" if wait else "does not learn the script's exit status") in stderr
+
+
+def test_quota_over_status(plugins: Plugins) -> None:
+    """A user flagged over quota who is not: the status script runs at login."""
+    socket = plugins.root / "over.sock"
+    config = plugins.config(plugins.installation.config.quota_over_status(plugins.users, socket),
+                            "over")
+    with RecordingService(socket, reply=None) as recorder:
+        plugins.doveadm(config, "quota", "get", "-u", "qo-flag")
+        (dovecot,) = recorder.wait(1)
+        # The flag comes from the userdb, which trigger does not read.
+        code, stderr = trigger("quota-over-status", "--config", str(config), "--user",
+                               "qo-flag", "--current", "TRUE")
+        _, ours = recorder.wait(2)
+    assert dovecot == b"VERSION\tscript\t4\t0\nnoreply\nmismatch\nqo-flag\nTRUE\n\n"
+    assert ours == dovecot
+    assert code == 0, stderr
 
 
 # --- Pigeonhole's programs through sieve-test -----------------------------------------------

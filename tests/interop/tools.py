@@ -460,9 +460,13 @@ class RecordingService:
     Args:
         path: the unix socket to listen on; ``None`` for tcp on 127.0.0.1.
         reply: what to answer after the request, e.g. ``b"+\\n"``.
+        header_only: stop reading at the end of the header (the first empty
+            line) instead of at EOF: for a client that never half-closes
+            (2.3's welcome plugin) and sends no payload.
     """
 
-    def __init__(self, path: Path | None, reply: bytes | None = b"+\n") -> None:
+    def __init__(self, path: Path | None, reply: bytes | None = b"+\n", *,
+                 header_only: bool = False) -> None:
         if path is None:
             self.listener = socket.create_server(("127.0.0.1", 0))
             self.port: int = self.listener.getsockname()[1]
@@ -477,6 +481,7 @@ class RecordingService:
         self.path = path
         self.listener.settimeout(0.1)
         self.reply = reply
+        self.header_only = header_only
         self.requests: list[bytes] = []
         self.changed = threading.Condition()
         self._stop = threading.Event()
@@ -497,6 +502,8 @@ class RecordingService:
                 with contextlib.suppress(OSError):
                     while chunk := connection.recv(65536):
                         data += chunk
+                        if self.header_only and b"\n\n" in data:
+                            break
                     if self.reply is not None:
                         connection.sendall(self.reply)
             with self.changed:
