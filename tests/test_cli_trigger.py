@@ -171,3 +171,12 @@ def test_connect_failure(conf: Path, capsys: pytest.CaptureFixture[str]) -> None
                            "--level", "warn-95")
     assert code == 75
     assert "the quota plugin logs an error (io: " in err
+
+
+def test_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["trigger", "--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert "How can I force a quota notification?" in out
+    assert "quota-warning, quota-over-status, welcome" in out

@@ -797,14 +797,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     trigger = sub.add_parser(
         "trigger", help="send what a Dovecot client sends (force a quota warning...)",
-        description="Send, from your dovecot.conf (2.3 or 2.4 form), exactly what a Dovecot "
-                    "client sends: the quota plugin's warning or quota_over_status script, the "
-                    "welcome plugin, or Pigeonhole's pipe/filter/execute. Same target, args after "
-                    "variable expansion, env, reply mode, input (Sieve: CRLF line ends) and "
-                    "timeouts; the result is judged the way that client judges it (one line on "
-                    "stderr). Exit status: 0 the client would carry on as after success, 1 it "
-                    "sees the script's failure, 75 it logs an internal failure (connect, "
-                    "timeout...), 64 usage or configuration error.")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+Send, from your dovecot.conf (2.3 or 2.4 form), exactly what a Dovecot client
+sends: the quota plugin's warning or quota_over_status script, the welcome
+plugin, or Pigeonhole's pipe/filter/execute. Same target, args after variable
+expansion, env, reply mode, input (Sieve: CRLF line ends) and timeouts; the
+result is judged the way that client judges it (one line on stderr).
+
+Exit status: 0 the client would carry on as after success (quota warnings
+never learn the script's exit status), 1 it sees the script's failure, 75 it
+logs an internal failure (cannot connect, timeout...), 64 usage or
+configuration error.""",
+        epilog="""\
+examples:
+  # How can I force a quota notification?
+  execproto trigger quota-warning --config /etc/dovecot/dovecot.conf \\
+      --user frank@example.org --level 95
+  # the one run when usage goes back under the limit
+  execproto trigger quota-warning --config /etc/dovecot/dovecot.conf \\
+      --user frank@example.org --level below
+  # what a Sieve script's  pipe "report" ["spam"];  sends
+  execproto trigger sieve-pipe --config /etc/dovecot/dovecot.conf --user frank \\
+      --home /home/frank --program report spam --message msg.eml \\
+      --sender a@example.com --recipient frank@example.org
+  # only show the target, the header bytes and the timeouts
+  execproto trigger welcome --config /etc/dovecot/dovecot.conf --user frank --dry-run""")
     trigger.add_argument("kind", metavar="KIND",
                          help="one of: " + ", ".join(CLIENT_KINDS))
     trigger.add_argument("--config", required=True, metavar="FILE",
