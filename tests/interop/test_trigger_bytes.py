@@ -8,7 +8,9 @@ same file>``; the recorded requests must be the same bytes:
 * quota-warning: ``doveadm save`` crosses the warning's threshold;
 * quota-over-status: ``doveadm quota get`` for a user whose userdb flag says
   over quota while the user is not (the flag is given to trigger with
-  ``--current``: it comes from the userdb, which trigger does not read);
+  ``--current``: it comes from the userdb, which trigger does not read), and
+  for a user over quota without a flag (2.4 appends an empty argument, an
+  empty line: quirk Q21; 2.3 appends nothing);
 * welcome (``wait = no`` and ``yes``): ``doveadm save`` creates a new user's
   INBOX;
 * sieve-pipe, sieve-filter, sieve-execute: ``sieve-test`` runs ``pipe``,
@@ -128,7 +130,7 @@ def plugins(installation: Installation, workspace: Path) -> Iterator[Plugins]:
     flag = f"userdb_{installation.config.over_status_field}=TRUE"
     users.write_text("".join(
         f"{name}:{{PLAIN}}secret:{NOBODY}:{NOBODY}::{mail}/{name}::{extra}\n"
-        for name, extra in (("wl-no", ""), ("wl-yes", ""), ("qo-flag", flag))))
+        for name, extra in (("wl-no", ""), ("wl-yes", ""), ("qo-flag", flag), ("qo-over", ""))))
     extra = installation.config.welcome(users, root / "welcome.sock", wait=False)
     dovecot = PrivateDovecot([], directory=root / "dovecot", installation=installation,
                              extra_config=extra, wait_for=["auth-userdb"])
@@ -172,6 +174,34 @@ def test_quota_over_status(plugins: Plugins) -> None:
                                "qo-flag", "--current", "TRUE")
         _, ours = recorder.wait(2)
     assert dovecot == b"VERSION\tscript\t4\t0\nnoreply\nmismatch\nqo-flag\nTRUE\n\n"
+    assert ours == dovecot
+    assert code == 0, stderr
+
+
+def test_quota_over_status_without_flag(plugins: Plugins) -> None:
+    """A user over quota without a flag: 2.4 appends an empty argument, 2.3 none.
+
+    2.4's empty last argument is an empty line that ends the header early
+    (quirk Q21); trigger sends the same bytes. The message is put into the
+    Maildir directly, past the 10 KB quota the plugin would enforce.
+    """
+    socket = plugins.root / "over-empty.sock"
+    config = plugins.config(plugins.installation.config.quota_over_status(plugins.users, socket),
+                            "over-empty")
+    maildir = plugins.root / "mail" / "qo-over" / "Maildir"
+    for sub in ("new", "cur", "tmp"):
+        (maildir / sub).mkdir(parents=True)
+    (maildir / "new" / "1.big").write_bytes(b"Subject: big\r\n\r\n" + b"x" * 20000 + b"\r\n")
+    for path in (maildir.parent, *maildir.glob("**"), maildir / "new" / "1.big"):
+        os.chown(path, NOBODY, NOBODY)
+    with RecordingService(socket, reply=None) as recorder:
+        plugins.doveadm(config, "quota", "get", "-u", "qo-over")
+        (dovecot,) = recorder.wait(1, timeout=5)
+        code, stderr = trigger("quota-over-status", "--config", str(config), "--user",
+                               "qo-over")
+        _, ours = recorder.wait(2)
+    last = b"\n" if plugins.installation.version >= (2, 4) else b""
+    assert dovecot == b"VERSION\tscript\t4\t0\nnoreply\nmismatch\nqo-over\n" + last + b"\n"
     assert ours == dovecot
     assert code == 0, stderr
 
