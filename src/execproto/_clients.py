@@ -235,9 +235,9 @@ _SIEVE_SUCCESS = {
 _SIEVE_FALSE = {
     "sieve-pipe": "failed to execute to program '{p}': the pipe action fails "
                   "(with :try the script goes on)",
-    "sieve-filter": "program indicated false result: the message stays as it was "
-                    "(as a test: false)",
-    "sieve-execute": "program indicated false result (as a test: false)",
+    "sieve-filter": "filter action: program indicated false result: the message stays as "
+                    "it was (as a test: false)",
+    "sieve-execute": "execute action: program indicated false result (as a test: false)",
 }
 _SIEVE_ERROR = {
     "sieve-pipe": "failed to pipe message to program '{p}': the pipe action fails "

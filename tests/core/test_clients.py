@@ -335,8 +335,8 @@ def test_sieve_env_leaves_out_unknown_values() -> None:
     assert call.env == (("USER", "u"),)
     assert call.input is None
     assert call.timeout == 10.0
-    assert call.judge(Status.FAILURE).message == "program indicated false result (as a test: " \
-                                                 "false)"
+    assert call.judge(Status.FAILURE).message == ("execute action: program indicated false "
+                                                  "result (as a test: false)")
 
 
 def test_sieve_filter_lf_and_fork() -> None:

@@ -19,6 +19,10 @@ same file>``; the recorded requests must be the same bytes:
 
 Both runs use the same user, so the configuration's ``%u`` / ``%{user}``
 expand alike. Nothing needs normalizing: HOST too is the same.
+
+For the Sieve programs the verdict is compared too: behind a service that
+answers ``-`` or nothing at all, sieve-test's words and its final result
+are what trigger reports.
 """
 
 from __future__ import annotations
@@ -235,14 +239,27 @@ def host_line(request: bytes) -> bytes:
     return found.group()
 
 
-@pytest.mark.parametrize("kind", list(SCRIPTS))
-def test_sieve(installation: Installation, workspace: Path, kind: str) -> None:
+@dataclass
+class SieveRun:
+    """One sieve-test run against a recording service, and trigger's run after it."""
+
+    dovecot: bytes
+    ours: bytes
+    user: str
+    home: str
+    sieve_test: str
+    code: int
+    stderr: str
+
+
+def run_both(installation: Installation, work: Path, kind: str,
+             reply: bytes | None = b"+\n", args: list[str] = PROGRAM_ARGS) -> SieveRun:
+    """``sieve-test`` with the script of ``kind``, then ``execproto trigger kind``."""
     tool(installation, "sieve-test")
     extension = kind.removeprefix("sieve-")
-    work = workspace / kind
     (work / "mail").mkdir(parents=True)
     script = work / "test.sieve"
-    script.write_text(SCRIPTS[kind].format(args=sieve_list(PROGRAM_ARGS)))
+    script.write_text(SCRIPTS[kind].format(args=sieve_list(args)))
     message = work / "msg.eml"
     message.write_bytes(MESSAGE)
     for path in (work, work / "mail", script):
@@ -254,29 +271,66 @@ def test_sieve(installation: Installation, workspace: Path, kind: str) -> None:
     # the name and home of its uid (PROTOCOL.md appendix B).
     user, home = (SIEVE_USER, str(work)) if installation.version < (2, 4) else passwd(
         installation, NOBODY)
-    with RecordingService(base_dir / f"sieve-{extension}" / "prog") as recorder:
+    with RecordingService(base_dir / f"sieve-{extension}" / "prog", reply) as recorder:
         done = run_in(
             installation,
-            [tool(installation, "sieve-test"), "-c", str(config), "-e", "-f", SENDER,
-             "-r", RECIPIENT, "-a", ORIG_RECIPIENT, str(script), str(message)],
+            [tool(installation, "sieve-test"), "-c", str(config), "-e", "-t", "-",
+             "-T", "level=actions", "-f", SENDER, "-r", RECIPIENT, "-a", ORIG_RECIPIENT,
+             str(script), str(message)],
             as_nobody=True,
             env={"USER": SIEVE_USER, "HOME": str(work), "PATH": os.environ.get("PATH", "")})
-        assert done.returncode == 0, done.stderr.decode(errors="replace")
         (dovecot,) = recorder.wait(1)
         code, stderr = trigger(kind, "--config", str(config), "--user", user, "--home",
-                               home, "--program", "prog", *PROGRAM_ARGS, "--message",
+                               home, "--program", "prog", *args, "--message",
                                str(message), "--sender", SENDER, "--recipient", RECIPIENT,
                                "--orig-recipient", ORIG_RECIPIENT)
         _, ours = recorder.wait(2)
-    header = (f"VERSION\tscript\t4\t0\nenv_USER={user}\nenv_HOME={home}\n").encode()
+    said = (done.stdout + done.stderr).decode(errors="replace").replace("`", "'")
+    return SieveRun(dovecot, ours, user, home, said, code, stderr)
+
+
+@pytest.mark.parametrize("kind", list(SCRIPTS))
+def test_sieve(installation: Installation, workspace: Path, kind: str) -> None:
+    run = run_both(installation, workspace / kind, kind)
+    dovecot = run.dovecot
+    header = (f"VERSION\tscript\t4\t0\nenv_USER={run.user}\nenv_HOME={run.home}\n").encode()
     assert dovecot.startswith(header), dovecot
     # HOST: trigger's default follows Dovecot's my_hostdomain() (the
     # canonical name of the host name); the chroots resolve it alike.
-    assert host_line(ours) == host_line(dovecot)
-    assert ours == dovecot
+    assert host_line(run.ours) == host_line(dovecot)
+    assert run.ours == dovecot
     assert dovecot.endswith(
         f"env_SENDER={SENDER}\nenv_RECIPIENT={RECIPIENT}\nenv_ORIG_RECIPIENT={ORIG_RECIPIENT}\n"
         "-\none\ntwo words\ntab\x01there\n\nafter\n\n".encode() + MESSAGE.replace(b"\n", b"\r\n"))
-    assert code == 0, stderr
+    assert "final result: success" in run.sieve_test
+    assert run.code == 0, run.stderr
     assert ("piped message to program 'prog'" if kind == "sieve-pipe"
-            else "executed program successfully") in stderr
+            else "executed program successfully") in run.stderr
+
+
+# What Pigeonhole says for a script's "-" and for a reply without a result
+# code (an internal failure), and trigger's exit status for it.
+VERDICTS = {
+    ("sieve-pipe", b"-\n"): ("failed to execute to program 'prog'", 1),
+    ("sieve-pipe", b""): ("failed to pipe message to program 'prog'", 75),
+    ("sieve-filter", b"-\n"): ("filter action: program indicated false result", 1),
+    ("sieve-filter", b""): ("filter action: failed to execute to program 'prog'", 75),
+    ("sieve-execute", b"-\n"): ("execute action: program indicated false result", 1),
+    ("sieve-execute", b""): ("execute action: failed to execute to program 'prog'", 75),
+}
+
+
+@pytest.mark.parametrize(("kind", "reply"), list(VERDICTS),
+                         ids=[f"{k}-{'minus' if r else 'none'}" for k, r in VERDICTS])
+def test_sieve_verdict(installation: Installation, workspace: Path, kind: str,
+                       reply: bytes) -> None:
+    """trigger judges a failure as sieve-test does, in Pigeonhole's words."""
+    run = run_both(installation, workspace / f"{kind}-{len(reply)}", kind, reply, ["a"])
+    assert run.ours == run.dovecot
+    said, code = VERDICTS[kind, reply]
+    assert said in run.sieve_test, run.sieve_test
+    assert said in run.stderr
+    assert run.code == code, run.stderr
+    # A false result lets the script go on; an error (or a failed pipe) fails it.
+    failed = kind == "sieve-pipe" or not reply
+    assert ("final result: failed" if failed else "final result: success") in run.sieve_test
