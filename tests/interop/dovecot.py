@@ -224,8 +224,11 @@ class DovecotConfig:
         """
         raise NotImplementedError
 
-    def sieve(self, base_dir: Path, mail_dir: Path) -> str:
-        """``sieve-test``'s config: extprograms with sockets under ``base_dir``."""
+    def sieve(self, base_dir: Path, mail_dir: Path, exec_timeout: str = "") -> str:
+        """``sieve-test``'s config: extprograms with sockets under ``base_dir``.
+
+        ``exec_timeout``: ``sieve_pipe_exec_timeout`` (default: Pigeonhole's, 10 s).
+        """
         raise NotImplementedError
 
     over_status_field = ""
@@ -286,7 +289,8 @@ plugin {{
 }}
 """
 
-    def sieve(self, base_dir: Path, mail_dir: Path) -> str:
+    def sieve(self, base_dir: Path, mail_dir: Path, exec_timeout: str = "") -> str:
+        timeout = f"  sieve_pipe_exec_timeout = {_plain(exec_timeout)}\n" if exec_timeout else ""
         return f"""\
 base_dir = {_plain(str(base_dir))}
 mail_location = maildir:{_plain(str(mail_dir))}
@@ -296,7 +300,7 @@ plugin {{
   sieve_filter_socket_dir = sieve-filter
   sieve_execute_socket_dir = sieve-execute
   sieve_pipe_socket_dir = sieve-pipe
-}}
+{timeout}}}
 """
 
     over_status_field = "quota_over_flag"
@@ -403,8 +407,9 @@ quota "User quota" {{
 }}
 """
 
-    def sieve(self, base_dir: Path, mail_dir: Path) -> str:
-        return self.versions + f"""\
+    def sieve(self, base_dir: Path, mail_dir: Path, exec_timeout: str = "") -> str:
+        timeout = f"sieve_pipe_exec_timeout = {_plain(exec_timeout)}\n" if exec_timeout else ""
+        return self.versions + timeout + f"""\
 base_dir = {_plain(str(base_dir))}
 mail_driver = maildir
 mail_path = {_plain(str(mail_dir))}

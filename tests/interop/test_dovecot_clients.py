@@ -585,6 +585,7 @@ def test_configs_are_clean(installation: Installation, public_dir: Path) -> None
         "quota-over-status": dovecot.config_text() + config.quota_over_status(users,
                                                                               work / "o.sock"),
         "sieve": config.sieve(work / "run", work / "mail"),
+        "sieve-timeout": config.sieve(work / "run", work / "mail", exec_timeout="1s"),
         "lda": config.lda_redirect(work / "run", work / "mail", work / "x.sieve", 25),
     }
     doveconf = tool(installation, "doveconf")

@@ -22,13 +22,15 @@ expand alike. Nothing needs normalizing: HOST too is the same.
 
 For the Sieve programs the verdict is compared too: behind a service that
 answers ``-`` or nothing at all, sieve-test's words and its final result
-are what trigger reports.
+are what trigger reports; with ``sieve_pipe_exec_timeout = 1s`` and a slow
+script both give up after that second.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,10 +252,12 @@ class SieveRun:
     sieve_test: str
     code: int
     stderr: str
+    elapsed: float
 
 
 def run_both(installation: Installation, work: Path, kind: str,
-             reply: bytes | None = b"+\n", args: list[str] = PROGRAM_ARGS) -> SieveRun:
+             reply: bytes | None = b"+\n", args: list[str] = PROGRAM_ARGS,
+             exec_timeout: str = "", delay: float = 0.0) -> SieveRun:
     """``sieve-test`` with the script of ``kind``, then ``execproto trigger kind``."""
     tool(installation, "sieve-test")
     extension = kind.removeprefix("sieve-")
@@ -266,12 +270,13 @@ def run_both(installation: Installation, work: Path, kind: str,
         os.chown(path, NOBODY, NOBODY)  # sieve-test saves the compiled script
     base_dir = work / "run"
     config = work / "sieve.conf"
-    config.write_text(installation.config.sieve(base_dir, work / "mail"))
+    config.write_text(installation.config.sieve(base_dir, work / "mail", exec_timeout))
     # 2.3's sieve-test passes its USER and HOME environment variables, 2.4's
     # the name and home of its uid (PROTOCOL.md appendix B).
     user, home = (SIEVE_USER, str(work)) if installation.version < (2, 4) else passwd(
         installation, NOBODY)
-    with RecordingService(base_dir / f"sieve-{extension}" / "prog", reply) as recorder:
+    with RecordingService(base_dir / f"sieve-{extension}" / "prog", reply,
+                          delay=delay) as recorder:
         done = run_in(
             installation,
             [tool(installation, "sieve-test"), "-c", str(config), "-e", "-t", "-",
@@ -280,13 +285,15 @@ def run_both(installation: Installation, work: Path, kind: str,
             as_nobody=True,
             env={"USER": SIEVE_USER, "HOME": str(work), "PATH": os.environ.get("PATH", "")})
         (dovecot,) = recorder.wait(1)
+        started = time.monotonic()
         code, stderr = trigger(kind, "--config", str(config), "--user", user, "--home",
                                home, "--program", "prog", *args, "--message",
                                str(message), "--sender", SENDER, "--recipient", RECIPIENT,
                                "--orig-recipient", ORIG_RECIPIENT)
+        elapsed = time.monotonic() - started
         _, ours = recorder.wait(2)
     said = (done.stdout + done.stderr).decode(errors="replace").replace("`", "'")
-    return SieveRun(dovecot, ours, user, home, said, code, stderr)
+    return SieveRun(dovecot, ours, user, home, said, code, stderr, elapsed)
 
 
 @pytest.mark.parametrize("kind", list(SCRIPTS))
@@ -334,3 +341,16 @@ def test_sieve_verdict(installation: Installation, workspace: Path, kind: str,
     # A false result lets the script go on; an error (or a failed pipe) fails it.
     failed = kind == "sieve-pipe" or not reply
     assert ("final result: failed" if failed else "final result: success") in run.sieve_test
+
+
+def test_sieve_exec_timeout(installation: Installation, workspace: Path) -> None:
+    """sieve_pipe_exec_timeout = 1s and a script that takes 3 s: both give up after 1 s."""
+    run = run_both(installation, workspace / "exec-timeout", "sieve-pipe", args=["a"],
+                   exec_timeout="1s", delay=3.0)
+    assert run.ours == run.dovecot
+    assert "failed to pipe message to program 'prog'" in run.sieve_test, run.sieve_test
+    assert "final result: failed" in run.sieve_test
+    assert run.code == 75, run.stderr
+    assert "execution timed out (> 1 s)" in run.stderr
+    # The CLI's own start takes a part of it; the script's 3 s are not waited for.
+    assert 1.0 <= run.elapsed < 2.9, run.elapsed

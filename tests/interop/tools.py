@@ -463,10 +463,11 @@ class RecordingService:
         header_only: stop reading at the end of the header (the first empty
             line) instead of at EOF: for a client that never half-closes
             (2.3's welcome plugin) and sends no payload.
+        delay: seconds to wait before replying (a slow script).
     """
 
     def __init__(self, path: Path | None, reply: bytes | None = b"+\n", *,
-                 header_only: bool = False) -> None:
+                 header_only: bool = False, delay: float = 0.0) -> None:
         if path is None:
             self.listener = socket.create_server(("127.0.0.1", 0))
             self.port: int = self.listener.getsockname()[1]
@@ -482,6 +483,7 @@ class RecordingService:
         self.listener.settimeout(0.1)
         self.reply = reply
         self.header_only = header_only
+        self.delay = delay
         self.requests: list[bytes] = []
         self.changed = threading.Condition()
         self._stop = threading.Event()
@@ -504,6 +506,8 @@ class RecordingService:
                         data += chunk
                         if self.header_only and b"\n\n" in data:
                             break
+                    if self.delay:
+                        self._stop.wait(self.delay)
                     if self.reply is not None:
                         connection.sendall(self.reply)
             with self.changed:
