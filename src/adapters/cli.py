@@ -1,4 +1,4 @@
-"""The ``execproto`` command: run, serve, doctor, demo, vectors.
+"""The ``execproto`` command: run, trigger, serve, doctor, demo, vectors.
 
 Exit status of ``execproto run``: 0 success, 1 failure (the script said
 ``-``, exited non-zero or died of a signal), 75 (EX_TEMPFAIL) internal
@@ -26,15 +26,18 @@ from pathlib import Path
 from typing import Any
 
 from execproto import (
+    CLIENT_KINDS,
     DEFAULT_BASE_DIR,
     DEFAULT_LIBEXEC_DIR,
     DEFAULT_MAX_HEADER_BYTES,
     NEED_DATA,
+    ClientCall,
     ClientConnection,
     ConfigError,
     Data,
     EndOfInput,
     ExecuteSettings,
+    ForkTarget,
     LocalProtocolError,
     Output,
     Request,
@@ -44,12 +47,20 @@ from execproto import (
     UnixTarget,
     __version__,
     find_execute,
+    find_quota_over_status,
     find_service,
+    find_welcome,
     list_executes,
     parse_config,
     parse_hostport,
     parse_target,
+    pick_quota_warning,
+    quota_over_status_call,
+    quota_warning_call,
+    sieve_call,
+    sieve_extension_settings,
     sieve_programs,
+    welcome_call,
 )
 
 from ._common import (
@@ -253,6 +264,15 @@ def _pick_sieve(root: Any, extension: str, program: str, base_dir: str) -> Execu
     return candidates[0]
 
 
+def _load_config(path: str, base_dir: str | None) -> tuple[Any, str]:
+    """The parsed configuration and the base_dir to use (``--base-dir`` wins)."""
+    root = _read_config(path)
+    try:
+        return root, base_dir or root.get("base_dir") or DEFAULT_BASE_DIR
+    except ConfigError as exc:
+        raise _config_error(path, exc) from None
+
+
 def _resolve_run_target(ns: argparse.Namespace) -> tuple[Target, list[str]]:
     variables = dict(_pairs(ns.var, "--var"))
     if not ns.config and (ns.sieve or ns.execute or ns.filter):
@@ -260,13 +280,12 @@ def _resolve_run_target(ns: argparse.Namespace) -> tuple[Target, list[str]]:
     if ns.sieve and (ns.execute or ns.filter):
         raise UsageError("--sieve and --execute/--filter exclude each other")
     if ns.config:
-        root = _read_config(ns.config)
+        root, base_dir = _load_config(ns.config, ns.base_dir)
         try:
-            base_dir = ns.base_dir or root.get("base_dir") or DEFAULT_BASE_DIR
             if ns.sieve:
                 settings = _pick_sieve(root, ns.sieve[0], ns.sieve[1], base_dir)
             else:
-                settings = _pick_execute(root, ns.execute, ns.filter or [])
+                settings = _pick_execute(root, ns.execute, ns.filter or []).expand(variables)
             target = settings.target(base_dir=base_dir)
             args = list(settings.expand_args(variables))
         except ConfigError as exc:
@@ -311,6 +330,123 @@ def cmd_run(ns: argparse.Namespace) -> int:
     print(f"execproto: {result.target}: internal failure ({result.kind.value}): {result.detail}",
           file=sys.stderr)
     return EX_TEMPFAIL
+
+
+# --- trigger ---------------------------------------------------------------------
+
+
+def _hostdomain(root: Any) -> str:
+    """Dovecot's host name: the ``hostname`` setting, else ``my_hostdomain()``.
+
+    lib/hostpid.c: ``$DOVECOT_HOSTDOMAIN``, else the canonical name
+    ``gethostbyname()`` gives for the host name, else the host name.
+    """
+    configured = root.get("hostname")
+    if configured:
+        return str(configured)
+    name = os.environ.get("DOVECOT_HOSTDOMAIN")
+    if name is not None:
+        return name
+    hostname = socket.gethostname()
+    try:
+        return socket.gethostbyname_ex(hostname)[0] or hostname
+    except OSError:
+        return hostname
+
+
+def _message(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    if path == "-":
+        return sys.stdin.buffer.read()
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read --message {path}: {exc.strerror}") from None
+
+
+def _trigger_call(ns: argparse.Namespace, root: Any, base_dir: str) -> ClientCall:
+    """Find the kind's settings in the configuration and build its call."""
+    variables = {"user": ns.user, **({"home": ns.home} if ns.home else {}),
+                 **dict(_pairs(ns.var, "--var"))}
+    kind = ns.kind
+    if kind == "quota-warning":
+        return quota_warning_call(pick_quota_warning(root, ns.level), variables,
+                                  base_dir=base_dir)
+    if kind == "quota-over-status":
+        return quota_over_status_call(find_quota_over_status(root), variables, ns.current,
+                                      base_dir=base_dir)
+    if kind == "welcome":
+        return welcome_call(find_welcome(root), variables, base_dir=base_dir)
+    extension = kind.removeprefix("sieve-")
+    if not ns.program:
+        raise UsageError(f"{kind} needs --program NAME [ARG...]")
+    message = _message(ns.message)
+    if message is None and kind != "sieve-execute":
+        raise UsageError(f"{kind} needs --message FILE (the message Pigeonhole sends; "
+                         "- for stdin)")
+    program, *program_args = ns.program
+    return sieve_call(kind, _pick_sieve(root, extension, program, base_dir), program_args,
+                      user=ns.user, message=message, home=ns.home,
+                      host=ns.host if ns.host is not None else _hostdomain(root),
+                      sender=ns.sender, recipient=ns.recipient,
+                      orig_recipient=ns.orig_recipient,
+                      extension=sieve_extension_settings(root, extension), base_dir=base_dir)
+
+
+def _show_call(call: ClientCall) -> None:
+    lines = [
+        f"client:   {call.kind} (Dovecot {call.dovecot or '2.3 and 2.4'}: {call.source})",
+        f"target:   {call.target.label}",
+        f"args:     {list(call.args)!r}",
+        f"env:      {[f'{n}={v}' for n, v in call.env]!r}",
+        f"reply:    {'noreply' if call.noreply else 'result code (+/-)'}"
+        f"{'' if call.read_output else ', closes without reading'}",
+        f"input:    {'none' if call.input is None else f'{len(call.input)} bytes'}",
+        f"timeouts: connect {call.connect_timeout} s, run {call.timeout} s",
+    ]
+    if not isinstance(call.target, ForkTarget):
+        lines.append(f"header:   {_show(call.header(), 2000)}")
+    print("\n".join(lines))
+
+
+def cmd_trigger(ns: argparse.Namespace) -> int:
+    """Send what a Dovecot client sends, from the admin's configuration; judge it as it would."""
+    if ns.kind not in CLIENT_KINDS:
+        raise UsageError(f"unknown KIND {ns.kind!r} (one of: {', '.join(CLIENT_KINDS)})")
+    root, base_dir = _load_config(ns.config, ns.base_dir)
+    try:
+        call = _trigger_call(ns, root, base_dir)
+        args, payload = call.for_client()
+    except ConfigError as exc:
+        raise _config_error(ns.config, exc) from None
+    if ns.dry_run:
+        _show_call(call)
+        return 0
+    out = sys.stdout.buffer
+    seen = bytearray()
+
+    def write(chunk: bytes) -> None:
+        if len(seen) < 1024:
+            seen.extend(chunk[: 1024 - len(seen)])
+        out.write(chunk)
+        out.flush()
+
+    from . import blocking
+
+    try:
+        result = blocking.run(
+            call.target, args, input=payload, env=list(call.env), noreply=call.noreply,
+            read_output=call.read_output, connect_timeout=call.connect_timeout,
+            timeout=call.timeout, output=write if call.read_output else None)
+    except LocalProtocolError as exc:
+        raise UsageError(exc.message) from None
+    verdict = call.judge(result.status, result.kind, result.detail, bytes(seen))
+    print(f"execproto trigger: {call.kind} via {result.target}: {verdict.message}",
+          file=sys.stderr)
+    if verdict.ok:
+        return 0
+    return 1 if verdict.status is Status.FAILURE else EX_TEMPFAIL
 
 
 # --- serve -----------------------------------------------------------------------
@@ -691,6 +827,73 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--adapter", choices=ADAPTERS, default="blocking",
                      help="I/O flavour (default %(default)s)")
     run.set_defaults(func=cmd_run)
+
+    trigger = sub.add_parser(
+        "trigger", help="send what a Dovecot client sends (force a quota warning...)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+Send, from your dovecot.conf (2.3 or 2.4 form), exactly what a Dovecot client
+sends: the quota plugin's warning or quota_over_status script, the welcome
+plugin, or Pigeonhole's pipe/filter/execute. Same target, args after variable
+expansion, env, reply mode, input (Sieve: CRLF line ends) and timeouts; the
+result is judged the way that client judges it (one line on stderr).
+
+Exit status: 0 the client would carry on as after success (quota warnings
+never learn the script's exit status), 1 it sees the script's failure, 75 it
+logs an internal failure (cannot connect, timeout...), 64 usage or
+configuration error.""",
+        epilog="""\
+examples:
+  # How can I force a quota notification?
+  execproto trigger quota-warning --config /etc/dovecot/dovecot.conf \\
+      --user frank@example.org --level 95
+  # the one run when usage goes back under the limit
+  execproto trigger quota-warning --config /etc/dovecot/dovecot.conf \\
+      --user frank@example.org --level below
+  # what a Sieve script's  pipe "report" ["spam"];  sends
+  execproto trigger sieve-pipe --config /etc/dovecot/dovecot.conf --user frank \\
+      --home /home/frank --program report spam --message msg.eml \\
+      --sender a@example.com --recipient frank@example.org
+  # only show the target, the header bytes and the timeouts
+  execproto trigger welcome --config /etc/dovecot/dovecot.conf --user frank --dry-run""")
+    trigger.add_argument("kind", metavar="KIND",
+                         help="one of: " + ", ".join(CLIENT_KINDS))
+    trigger.add_argument("--config", required=True, metavar="FILE",
+                         help="the dovecot.conf the client reads")
+    trigger.add_argument("--user", required=True, metavar="USER",
+                         help="the mail user: %%{user} (2.3: %%u) in args and paths; Sieve's "
+                              "USER")
+    trigger.add_argument("--level", metavar="NAME",
+                         help="quota-warning: which warning: its name (2.4 warn-95, 2.3 "
+                              "quota_warning2), a percentage (95), or 'below' for the one run "
+                              "when usage goes back under the limit (default: the only one)")
+    trigger.add_argument("--current", metavar="VALUE",
+                         help="quota-over-status: the user's quota_over_status_current (2.3: "
+                              "quota_over_flag), normally from the userdb; appended as the "
+                              "last argument (default: the configuration's)")
+    trigger.add_argument("--program", nargs="+", metavar=("NAME", "ARG"),
+                         help="sieve-*: the program and the Sieve command's arguments, as in "
+                              "pipe \"NAME\" [\"ARG\", ...]")
+    trigger.add_argument("--message", metavar="FILE",
+                         help="sieve-*: the message (- for stdin); sieve-execute sends it "
+                              "only when given (:pipe or :input)")
+    trigger.add_argument("--sender", metavar="ADDRESS", help="sieve-*: SENDER (envelope)")
+    trigger.add_argument("--recipient", metavar="ADDRESS", help="sieve-*: RECIPIENT")
+    trigger.add_argument("--orig-recipient", metavar="ADDRESS",
+                         help="sieve-*: ORIG_RECIPIENT (the ORCPT address)")
+    trigger.add_argument("--home", metavar="DIR",
+                         help="the user's home: Sieve's HOME, %%{home} in args")
+    trigger.add_argument("--host", metavar="NAME",
+                         help="sieve-*: HOST (default: the hostname setting, else Dovecot's "
+                              "my_hostdomain(): $DOVECOT_HOSTDOMAIN or the canonical host name)")
+    trigger.add_argument("--var", action="append", metavar="NAME=VALUE",
+                         help="more %%{NAME} values for args and paths (repeatable)")
+    trigger.add_argument("--base-dir", metavar="DIR",
+                         help=f"instead of the config's base_dir (default {DEFAULT_BASE_DIR})")
+    trigger.add_argument("--dry-run", action="store_true",
+                         help="show what would be sent (target, header bytes, timeouts) and "
+                              "send nothing")
+    trigger.set_defaults(func=cmd_trigger)
 
     serve = sub.add_parser(
         "serve", help="serve a script like Dovecot's script service",

@@ -17,13 +17,38 @@ Client side::
 Service side: :class:`ServiceConnection`.  Codecs: :func:`encode_request`,
 :class:`HeaderParser`, :class:`ResultCodeFilter`, :class:`DotEncoder`,
 :class:`DotDecoder`, :func:`tab_escape`, :func:`tab_unescape`.  Settings:
-:func:`parse_target`, :class:`ExecuteSettings`, :func:`parse_config`.
-What ``execproto doctor`` checks, from a configuration alone:
-:func:`plan_checks`.
+:func:`parse_target`, :class:`ExecuteSettings`, :func:`parse_config`.  What
+Dovecot's own clients send (quota warnings, welcome, Pigeonhole's Sieve
+programs): :class:`ClientCall` and the ``*_call`` functions.  What
+``execproto doctor`` checks, from a configuration alone: :func:`plan_checks`.
 """
 
 from ._argv import fork_argv, service_argv
 from ._client import ClientConnection, ClientState
+from ._clients import (
+    CLIENT_KINDS,
+    QUOTA_CONNECT_TIMEOUT,
+    SIEVE_CONNECT_TIMEOUT,
+    SIEVE_DEFAULT_EXEC_TIMEOUT,
+    SIEVE_ENV,
+    ClientCall,
+    QuotaOverStatus,
+    QuotaWarning,
+    SieveSettings,
+    Verdict,
+    Welcome,
+    find_quota_over_status,
+    find_welcome,
+    pick_quota_warning,
+    quota_over_status_call,
+    quota_warning_call,
+    quota_warnings,
+    sieve_call,
+    sieve_extension_settings,
+    to_crlf,
+    to_lf,
+    welcome_call,
+)
 from ._config import (
     ConfigLoader,
     ConfigSection,
@@ -42,7 +67,6 @@ from ._config import (
 )
 from ._doctor import (
     SIEVE_CONNECT_TIMEOUT_MS,
-    SIEVE_ENV,
     ClientPlan,
     DoctorPlan,
     Finding,
@@ -96,15 +120,20 @@ from ._util import BytesLike, EnvLike
 __version__ = "0.1.0"
 
 __all__ = [
+    "CLIENT_KINDS",
     "DEFAULT_BASE_DIR",
     "DEFAULT_LIBEXEC_DIR",
     "DEFAULT_MAX_HEADER_BYTES",
     "DRIVERS",
     "NEED_DATA",
+    "QUOTA_CONNECT_TIMEOUT",
     "SCRIPT_MAJOR_VERSION",
+    "SIEVE_CONNECT_TIMEOUT",
     "SIEVE_CONNECT_TIMEOUT_MS",
+    "SIEVE_DEFAULT_EXEC_TIMEOUT",
     "SIEVE_ENV",
     "BytesLike",
+    "ClientCall",
     "ClientConnection",
     "ClientPlan",
     "ClientState",
@@ -127,6 +156,8 @@ __all__ = [
     "Output",
     "ParsedHeader",
     "ProtocolError",
+    "QuotaOverStatus",
+    "QuotaWarning",
     "RemoteProtocolError",
     "Request",
     "Result",
@@ -138,10 +169,13 @@ __all__ = [
     "ServicePlan",
     "ServiceSettings",
     "ServiceState",
+    "SieveSettings",
     "Status",
     "Target",
     "TcpTarget",
     "UnixTarget",
+    "Verdict",
+    "Welcome",
     "__version__",
     "convert_legacy_args",
     "encode_request",
@@ -150,7 +184,9 @@ __all__ = [
     "expand_value",
     "filter_kind",
     "find_execute",
+    "find_quota_over_status",
     "find_service",
+    "find_welcome",
     "fork_argv",
     "legacy_executes",
     "list_executes",
@@ -161,11 +197,20 @@ __all__ = [
     "parse_script_command",
     "parse_shebang",
     "parse_target",
+    "pick_quota_warning",
     "plan_checks",
+    "quota_over_status_call",
+    "quota_warning_call",
+    "quota_warnings",
     "script_environment",
     "service_argv",
+    "sieve_call",
+    "sieve_extension_settings",
     "sieve_programs",
     "stdout_writes",
     "tab_escape",
     "tab_unescape",
+    "to_crlf",
+    "to_lf",
+    "welcome_call",
 ]

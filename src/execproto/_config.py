@@ -653,7 +653,9 @@ def legacy_target(text: str, name: str, line: int, file: str | None,
 
     The text before the first ``:`` is the scheme (``unix``, ``tcp``,
     ``exec``), none means ``unix`` (quirk Q20: a unix path with a ``:`` is
-    misread the same way).  *args* is in 2.3 syntax.
+    misread the same way).  *args* and a unix or exec path are in 2.3
+    syntax (``%u``), converted to 2.4's; expand them with
+    :meth:`ExecuteSettings.expand` and :meth:`ExecuteSettings.expand_args`.
 
     Raises:
         ConfigError: an unknown scheme or bad variable.
@@ -662,6 +664,8 @@ def legacy_target(text: str, name: str, line: int, file: str | None,
     if not colon:
         scheme, rest = "unix", text
     converted = convert_legacy_args(args)
+    # 2.3 expands the whole string, the target too (unix:/run/qw/%u.sock).
+    rest = convert_legacy_args(rest) if scheme in ("unix", "exec") else rest
     if scheme == "unix":
         return ExecuteSettings(name=name, unix_socket_path=rest, args=converted, line=line,
                                file=file)

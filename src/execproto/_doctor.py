@@ -24,6 +24,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from ._clients import QUOTA_CONNECT_TIMEOUT, SIEVE_CONNECT_TIMEOUT, SIEVE_ENV
 from ._config import (
     SIEVE_EXTENSIONS,
     ConfigSection,
@@ -52,7 +53,6 @@ from ._settings import (
 __all__ = [
     "PLUGIN_CONNECT_TIMEOUT_MS",
     "SIEVE_CONNECT_TIMEOUT_MS",
-    "SIEVE_ENV",
     "ClientPlan",
     "DoctorPlan",
     "Finding",
@@ -66,11 +66,9 @@ __all__ = [
 ]
 
 #: Pigeonhole's connect timeout for extprograms (SIEVE_EXTPROGRAMS_CONNECT_TIMEOUT_MSECS).
-SIEVE_CONNECT_TIMEOUT_MS = 5
+SIEVE_CONNECT_TIMEOUT_MS = round(SIEVE_CONNECT_TIMEOUT * 1000)
 #: The quota and welcome clients' connect timeout.
-PLUGIN_CONNECT_TIMEOUT_MS = 1000
-#: The environment names Pigeonhole's extprograms send (USER always; the rest when known).
-SIEVE_ENV = ("USER", "HOME", "HOST", "SENDER", "RECIPIENT", "ORIG_RECIPIENT")
+PLUGIN_CONNECT_TIMEOUT_MS = round(QUOTA_CONNECT_TIMEOUT * 1000)
 
 Where = tuple[str | None, int | None]
 

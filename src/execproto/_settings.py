@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ._errors import ConfigError
 
@@ -579,6 +579,31 @@ class ExecuteSettings:
             raise ConfigError(
                 "execute_tcp_port must not be 0 with execute_driver=tcp", self.line, self.file)
         return TcpTarget(host, port)
+
+    def expand(self, variables: Mapping[str, str]) -> ExecuteSettings:
+        """These settings with ``%{...}`` expanded in the paths and the tcp host.
+
+        Dovecot expands every string setting for the user it runs for, so
+        ``unix_socket_path = /run/qw/%{user}.sock`` reaches one socket per
+        user (2.3 expands its whole ``quota_warning`` string the same way).
+        The name is not expanded (nor is it in Dovecot); ``args`` stays a
+        template for :meth:`expand_args`, which splits it after expanding.
+
+        Raises:
+            ConfigError: see :func:`expand_value`, with the block's place.
+        """
+        def one(key: str, template: str) -> str:
+            if "%" not in template:
+                return template
+            try:
+                return expand_value(template, variables)
+            except ConfigError as exc:
+                raise ConfigError(f"execute {self.name}: {key}: {exc.reason}", self.line,
+                                  self.file) from None
+
+        return replace(self, unix_socket_path=one("unix_socket_path", self.unix_socket_path),
+                       fork_path=one("fork_path", self.fork_path),
+                       tcp_host=one("tcp_host", self.tcp_host))
 
     def expand_args(
         self, variables: Mapping[str, str], *, split_first: bool = False

@@ -27,6 +27,7 @@ from execproto import (
     parse_script_command,
     sieve_programs,
 )
+from execproto._config import legacy_target
 
 WELCOME = """\
 # Dovecot 2.4 style
@@ -866,6 +867,15 @@ def test_legacy_executes() -> None:
     assert first.target(base_dir="/run/dovecot") == UnixTarget("/run/dovecot/quota-warning")
     assert first.expand_args({"user": "frank@example.org"}) == ("95", "frank@example.org")
     assert found[4][1].target() == TcpTarget("::1", 4000)
+
+
+def test_legacy_target_paths_take_variables() -> None:
+    # 2.3 expands the whole quota_warning string: %u in the socket path too.
+    settings = legacy_target("unix:/run/qw/%n.sock", "unix:/run/qw/%n.sock", 1, None, "%u")
+    assert settings.unix_socket_path == "/run/qw/%{user | username}.sock"
+    assert settings.expand({"user": "frank@x"}).target() == UnixTarget("/run/qw/frank.sock")
+    fork = legacy_target("exec:/bin/%u", "exec:/bin/%u", 1, None, "")
+    assert fork.expand({"user": "u"}).fork_path == "/bin/u"
 
 
 def test_find_execute_reads_2_3_settings() -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from execproto import ForkTarget, TcpTarget, UnixTarget, parse_config
+from execproto._clients import SIEVE_ENV
 from execproto._doctor import (
-    SIEVE_ENV,
     ClientPlan,
     DoctorPlan,
     Finding,

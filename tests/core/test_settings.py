@@ -496,3 +496,26 @@ def test_filters_work_on_utf8_bytes() -> None:
 def test_more_filters_errors(template: str, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         expand_value(template, FILTER_VARS)
+
+
+# --- variables in paths ---------------------------------------------------------------
+
+
+def test_expand_paths() -> None:
+    settings = ExecuteSettings("qw", unix_socket_path="/run/qw/%{user | username}.sock",
+                               args="95 %{user}")
+    expanded = settings.expand({"user": "frank@example.org"})
+    assert expanded.target() == UnixTarget("/run/qw/frank.sock")
+    assert expanded.args == "95 %{user}"  # args stay a template: split after expanding
+    fork = ExecuteSettings("x", driver="fork", fork_path="/bin/%{user}")
+    assert fork.expand({"user": "u"}).target() == ForkTarget("/bin/u")
+    tcp = ExecuteSettings("x", driver="tcp", tcp_host="%{user | domain}", tcp_port=9)
+    assert tcp.expand({"user": "a@h"}).target() == TcpTarget("h", 9)
+    plain = ExecuteSettings("x", unix_socket_path="100%")
+    assert plain.expand({}) == plain
+
+
+def test_expand_paths_error_names_the_block() -> None:
+    settings = ExecuteSettings("qw", unix_socket_path="/run/%{nosuch}", line=3, file="f.conf")
+    with pytest.raises(ConfigError, match=r"^f.conf line 3: execute qw: unix_socket_path: "):
+        settings.expand({})

@@ -224,8 +224,32 @@ class DovecotConfig:
         """
         raise NotImplementedError
 
-    def sieve(self, base_dir: Path, mail_dir: Path) -> str:
-        """``sieve-test``'s config: extprograms with sockets under ``base_dir``."""
+    def sieve(self, base_dir: Path, mail_dir: Path, exec_timeout: str = "") -> str:
+        """``sieve-test``'s config: extprograms with sockets under ``base_dir``.
+
+        ``exec_timeout``: ``sieve_pipe_exec_timeout`` (default: Pigeonhole's, 10 s).
+        """
+        raise NotImplementedError
+
+    over_status_field = ""
+    """The userdb field that holds a user's over-quota flag."""
+
+    def welcome(self, users: Path, socket: Path, wait: bool) -> str:
+        """Mail users from a passwd-file and the welcome plugin.
+
+        Creating a user's INBOX sends ``ARGS USER`` to the unix socket
+        ``socket``; ``wait`` is ``welcome_wait``.
+        """
+        raise NotImplementedError
+
+    def quota_over_status(self, users: Path, socket: Path) -> str:
+        """Mail users, a 10 KB quota and its over-quota status script.
+
+        The script is ``unix:SOCKET`` with args ``mismatch USER``, then the
+        flag; the mask is ``TRUE``: a user whose flag (the userdb field
+        :attr:`over_status_field`) is ``TRUE`` but who is under quota runs it
+        as soon as the user is set up (no lazy check).
+        """
         raise NotImplementedError
 
     def lda_redirect(self, base_dir: Path, mail_dir: Path, script: Path, port: int) -> str:
@@ -265,7 +289,8 @@ plugin {{
 }}
 """
 
-    def sieve(self, base_dir: Path, mail_dir: Path) -> str:
+    def sieve(self, base_dir: Path, mail_dir: Path, exec_timeout: str = "") -> str:
+        timeout = f"  sieve_pipe_exec_timeout = {_plain(exec_timeout)}\n" if exec_timeout else ""
         return f"""\
 base_dir = {_plain(str(base_dir))}
 mail_location = maildir:{_plain(str(mail_dir))}
@@ -275,6 +300,41 @@ plugin {{
   sieve_filter_socket_dir = sieve-filter
   sieve_execute_socket_dir = sieve-execute
   sieve_pipe_socket_dir = sieve-pipe
+{timeout}}}
+"""
+
+    over_status_field = "quota_over_flag"
+
+    @staticmethod
+    def _users(users: Path, plugins: str) -> str:
+        return f"""
+mail_location = maildir:~/Maildir
+mail_plugins = {plugins}
+passdb {{
+  driver = passwd-file
+  args = {_plain(str(users))}
+}}
+userdb {{
+  driver = passwd-file
+  args = {_plain(str(users))}
+}}
+"""
+
+    def welcome(self, users: Path, socket: Path, wait: bool) -> str:
+        return self._users(users, "welcome") + f"""\
+plugin {{
+  welcome_script = {_plain(str(socket))} hello %u
+  welcome_wait = {"yes" if wait else "no"}
+}}
+"""
+
+    def quota_over_status(self, users: Path, socket: Path) -> str:
+        return self._users(users, "quota") + f"""\
+plugin {{
+  quota = maildir:User quota
+  quota_rule = *:storage=10K
+  quota_over_script = unix:{_plain(str(socket))} mismatch %u
+  quota_over_flag_value = TRUE
 }}
 """
 
@@ -347,8 +407,9 @@ quota "User quota" {{
 }}
 """
 
-    def sieve(self, base_dir: Path, mail_dir: Path) -> str:
-        return self.versions + f"""\
+    def sieve(self, base_dir: Path, mail_dir: Path, exec_timeout: str = "") -> str:
+        timeout = f"sieve_pipe_exec_timeout = {_plain(exec_timeout)}\n" if exec_timeout else ""
+        return self.versions + timeout + f"""\
 base_dir = {_plain(str(base_dir))}
 mail_driver = maildir
 mail_path = {_plain(str(mail_dir))}
@@ -363,6 +424,49 @@ sieve_extensions {{
 sieve_filter_socket_dir = sieve-filter
 sieve_execute_socket_dir = sieve-execute
 sieve_pipe_socket_dir = sieve-pipe
+"""
+
+    over_status_field = "quota_over_status_current"
+
+    @staticmethod
+    def _users(users: Path, plugin: str) -> str:
+        return f"""
+mail_driver = maildir
+mail_path = ~/Maildir
+mail_plugins {{
+  {plugin} = yes
+}}
+passdb passwd-file {{
+  passwd_file_path = {_plain(str(users))}
+}}
+userdb passwd-file {{
+  passwd_file_path = {_plain(str(users))}
+}}
+"""
+
+    def welcome(self, users: Path, socket: Path, wait: bool) -> str:
+        return self._users(users, "welcome") + f"""\
+welcome {{
+  wait = {"yes" if wait else "no"}
+  execute welcome {{
+    unix_socket_path = {_plain(str(socket))}
+    args = hello %{{user}}
+  }}
+}}
+"""
+
+    def quota_over_status(self, users: Path, socket: Path) -> str:
+        return self._users(users, "quota") + f"""\
+quota "User quota" {{
+  storage_size = 10K
+  quota_over_status_mask = TRUE
+  quota_over_status {{
+    execute over {{
+      unix_socket_path = {_plain(str(socket))}
+      args = mismatch %{{user}}
+    }}
+  }}
+}}
 """
 
     def lda_redirect(self, base_dir: Path, mail_dir: Path, script: Path, port: int) -> str:

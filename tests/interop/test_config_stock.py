@@ -23,7 +23,7 @@ import pytest
 from execproto.adapters.doctor import lookup_user
 
 from .doveconf import VERSIONS, Doveconf, doveconf_for, enable_block, example_blocks
-from .tools import ServeProcess, cli, read_records, unavailable, write_probe
+from .tools import ServeProcess, cli, read_records, unavailable, wait_records, write_probe
 
 EX_USAGE = 64
 
@@ -106,6 +106,26 @@ def test_run_lists_ambiguous_blocks(doveconf: Doveconf, tree: Path) -> None:
     else:
         assert f"plugin / quota_warning ({quota} line " in message
         assert f"plugin / quota_warning2 ({quota} line " in message
+
+
+def test_trigger_a_stock_quota_warning(doveconf: Doveconf, tree: Path,
+                                       served: tuple[Path, Path]) -> None:
+    """``trigger quota-warning`` on the stock tree: --level by percentage, else a list."""
+    base, records = served
+    config = str(tree / "dovecot.conf")
+    done = cli("trigger", "quota-warning", "--config", config, "--user", "frank@example.org",
+               "--base-dir", str(base))
+    assert done.returncode == EX_USAGE
+    message = done.stderr.decode()
+    assert "several quota warnings, choose one with --level NAME" in message
+    names = ("warn-95", "warn-80") if doveconf.is_24 else ("quota_warning", "quota_warning2")
+    assert all(f"{name} (over storage " in message for name in names), message
+    done = cli("trigger", "quota-warning", "--config", config, "--user", "frank@example.org",
+               "--base-dir", str(base), "--level", "95")
+    assert done.returncode == 0, done.stderr
+    (record,) = wait_records(records)
+    assert record["argv"][3:] == ["95", "frank@example.org"]
+    assert record["stdin"] == ""
 
 
 def test_error_names_the_included_file(doveconf: Doveconf, tree: Path) -> None:

@@ -581,7 +581,11 @@ def test_configs_are_clean(installation: Installation, public_dir: Path) -> None
         "services": dovecot.config_text(),
         "quota": dovecot.config_text() + config.quota(users, sockets=work),
         "quota-fork": dovecot.config_text() + config.quota(users, fork=["/bin/true", "x"]),
+        "welcome": dovecot.config_text() + config.welcome(users, work / "w.sock", wait=True),
+        "quota-over-status": dovecot.config_text() + config.quota_over_status(users,
+                                                                              work / "o.sock"),
         "sieve": config.sieve(work / "run", work / "mail"),
+        "sieve-timeout": config.sieve(work / "run", work / "mail", exec_timeout="1s"),
         "lda": config.lda_redirect(work / "run", work / "mail", work / "x.sieve", 25),
     }
     doveconf = tool(installation, "doveconf")
