@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -29,9 +30,9 @@ SHA_EMPTY = hashlib.sha256(b"").hexdigest()
 
 
 def observe(request: bytes, reply: bytes, *, request_chunks: list[bytes] | None = None,
-            reply_chunks: list[bytes] | None = None, ended: bool = True,
-            **kwargs: object) -> ExchangeSummary:
-    observer = ExchangeObserver(**kwargs)  # type: ignore[arg-type]
+            reply_chunks: list[bytes] | None = None, ended: Any = True,
+            **kwargs: Any) -> ExchangeSummary:
+    observer = ExchangeObserver(**kwargs)
     for chunk in request if request_chunks is None else request_chunks:
         observer.from_client(bytes([chunk]) if isinstance(chunk, int) else chunk)
     if ended:
@@ -43,12 +44,12 @@ def observe(request: bytes, reply: bytes, *, request_chunks: list[bytes] | None 
     return observer.summary()
 
 
-def whole(request: bytes, reply: bytes, **kwargs: object) -> ExchangeSummary:
+def whole(request: bytes, reply: bytes, **kwargs: Any) -> ExchangeSummary:
     return observe(request, reply, request_chunks=[request] if request else [],
                    reply_chunks=[reply] if reply else [], **kwargs)
 
 
-def every_way(request: bytes, reply: bytes, **kwargs: object) -> ExchangeSummary:
+def every_way(request: bytes, reply: bytes, **kwargs: Any) -> ExchangeSummary:
     """The summary, after checking that every chunking of both streams gives it."""
     expected = whole(request, reply, **kwargs)
     for chunks in every_chunking(request, max_splits=24):
@@ -247,7 +248,7 @@ def test_any_request_any_chunking(
         wire_payload = encoder.encode(payload) + encoder.finish()
     request = header + wire_payload
     reply = output + code
-    kwargs = {"dot": dot, "env_allowlist": allow, "keep": 5}
+    kwargs: dict[str, Any] = {"dot": dot, "env_allowlist": allow, "keep": 5}
     expected = whole(request, reply, **kwargs)
     chunked = observe(request, reply, request_chunks=cut(request, request_points),
                       reply_chunks=cut(reply, reply_points), **kwargs)
