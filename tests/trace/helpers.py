@@ -76,7 +76,8 @@ class Upstream:
 
     ``reply_early``: send the reply before reading (and still read to EOF).
     ``hold``: seconds to wait between the EOF and the reply.  ``store``: keep
-    what was received (else only count it).
+    what was received (else only count it).  ``read_limit``: stop reading after
+    that many bytes, answer and close with the rest unread (a reset: quirk Q8).
     """
 
     listener: Listener
@@ -84,6 +85,7 @@ class Upstream:
     reply_early: bool = False
     hold: float = 0.0
     store: bool = True
+    read_limit: int | None = None
     exchanges: list[Exchange] = field(default_factory=list)
     active: int = 0
     most_active: int = 0
@@ -139,8 +141,11 @@ class Upstream:
                     exchange.count += len(data)
                     if self.store:
                         kept += data
+                    if self.read_limit is not None and exchange.count >= self.read_limit:
+                        break
+                else:
+                    exchange.eof = True
                 exchange.received = bytes(kept)
-                exchange.eof = True
                 time.sleep(self.hold)
                 if not self.reply_early:
                     conn.sendall(self.reply)

@@ -7,6 +7,7 @@ service is a close for the client; the records say what happened.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -234,6 +235,47 @@ def test_client_reset_closes_upstream(short_dir: Path) -> None:
     (record,) = records
     assert "client reset the connection" in record.notes
     assert record.result == "bad-header"  # the header never ended
+
+
+def test_upstream_reset_after_the_result_code(transport: str, short_dir: Path) -> None:
+    """A script that leaves payload unread (Q8): the result code still reaches the client."""
+    request = request_bytes(b"z" * 8_000_000, dot=False)
+    with Upstream(listener(transport, short_dir, "up"), reply=b"early\n+\n",
+                  read_limit=100) as up, \
+            running_tap(listener(transport, short_dir, "tap"), up.target) as (tap, records):
+        with connect(address_of(tap)) as sock:
+            reader_got: list[bytes] = []
+
+            def read() -> None:
+                with contextlib.suppress(OSError):
+                    while data := sock.recv(1 << 16):
+                        reader_got.append(data)
+
+            reader = threading.Thread(target=read, daemon=True)
+            reader.start()
+            with contextlib.suppress(OSError):  # the tap stops reading: EPIPE or a reset
+                sock.sendall(request)
+            reader.join(LIMIT)
+            assert not reader.is_alive()
+        wait_for(lambda: records, "the record")
+    assert b"".join(reader_got) == b"early\n+\n"
+    (record,) = records
+    assert record.result == "+"
+    assert any("upstream" in note for note in record.notes), record.notes
+
+
+def test_stop_cuts_open_connections(short_dir: Path) -> None:
+    with Upstream(UnixListener(str(short_dir / "up.sock")), reply=b"") as up, \
+            running_tap(UnixListener(str(short_dir / "tap.sock")), up.target,
+                        grace=0.2) as (tap, records), \
+            connect(address_of(tap)) as sock:
+        sock.sendall(b"VERSION\tscript\t4\t0\n-\n\n")
+        wait_for(lambda: up.exchanges and up.exchanges[0].count, "the forwarded bytes")
+        tap.stop()
+        assert sock.recv(10) == b""
+        wait_for(lambda: records, "the record")
+    assert "cut by the stop of the tap" in records[0].notes
+    assert not (short_dir / "tap.sock").exists()
 
 
 def test_idle_timeout(transport: str, short_dir: Path) -> None:
