@@ -70,6 +70,8 @@ from .blocking import _drive
 
 __all__ = [
     "DEFAULT_IDLE_TIMEOUT",
+    "Peer",
+    "RecordWriter",
     "Tap",
     "TraceConfig",
     "TraceRecord",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import random
@@ -25,7 +26,7 @@ import pytest
 from execproto import DotEncoder, Request, TcpTarget, UnixTarget, encode_request
 from execproto.adapters import TcpListener, UnixListener, blocking
 from execproto.adapters._common import ServiceConfig
-from execproto.adapters.trace import escape, record_json, record_text
+from execproto.adapters.trace import RecordWriter, escape, record_json, record_text
 
 from .helpers import (
     LIMIT,
@@ -305,6 +306,25 @@ def test_max_connections(short_dir: Path) -> None:
         wait_for(lambda: len(records) == 3, "three records")
     assert up.most_active == 1
     assert [r.result for r in records] == ["+"] * 3
+
+
+class BrokenStream(io.StringIO):
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_record_writer_survives_a_broken_stream(short_dir: Path,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    """Tracing must never stop mail: a failing stdout is reported once, forwarding goes on."""
+    writer = RecordWriter(BrokenStream(), as_json=True)
+    request = request_bytes(b"", dot=False)
+    with Upstream(UnixListener(str(short_dir / "up.sock")), reply=b"+\n") as up, \
+            running_tap(UnixListener(str(short_dir / "tap.sock")), up.target) as (tap, _):
+        tap.config.emit = writer
+        assert exchange(address_of(tap), request) == b"+\n"
+        assert exchange(address_of(tap), request) == b"+\n"
+    assert [r.getMessage() for r in caplog.records].count(
+        "cannot write trace records any more ([Errno 32] Broken pipe); still forwarding") == 1
 
 
 def test_escape() -> None:
