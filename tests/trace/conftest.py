@@ -10,5 +10,6 @@ from tests.interop.conftest import (  # noqa: F401 (fixtures, found by name)
     installation,
     module_dir,
     no_stray_processes,
+    start_dovecot,
     workspace,
 )

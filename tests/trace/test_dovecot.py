@@ -4,7 +4,9 @@ Each test runs once per installation (2.3.19, 2.4.1, 2.4.5).  The tap runs
 on the host as ``python -m execproto trace --json``; the clients
 (``doveadm`` for quota warnings, Pigeonhole's ``sieve-test``) run in the
 installation, and the service behind the tap is Dovecot's own ``script``
-binary (and ``execproto serve`` once).  With and without the tap the
+binary (and ``execproto serve`` once).  No Dovecot client can use tcp
+(a synchronous tcp run crashes it: Q13), so the dot-framed tap runs between
+execproto's client and Dovecot's service on its ``inet_listener``.  With and without the tap the
 client's outcome and what the script receives must be the same, and the
 record must show exactly what the client sent.
 """
@@ -20,7 +22,8 @@ from typing import Any
 
 import pytest
 
-from tests.interop.dovecot import Installation, PrivateDovecot, ScriptService
+from execproto.adapters import blocking
+from tests.interop.dovecot import Installation, PrivateDovecot, ScriptService, StartDovecot
 from tests.interop.test_dovecot_clients import (  # noqa: F401 (fixtures, found by name)
     ALLOW,
     MAIL_ORIG_RECIPIENT,
@@ -37,7 +40,7 @@ from tests.interop.test_dovecot_clients import (  # noqa: F401 (fixtures, found 
     sieve_reference,
     tool,
 )
-from tests.interop.tools import ServeProcess, wait_records, write_probe
+from tests.interop.tools import RUN_LIMIT, ServeProcess, read_records, wait_records, write_probe
 
 from .helpers import TraceProcess
 
@@ -192,3 +195,35 @@ def test_sieve_through_trace(sieve: Sieve, sieve_reference: SieveRun) -> None:  
         assert record["payload_sha256"] == probe["stdin_sha256"]
         assert record["payload_bytes"] == len(probe["stdin"].encode("latin-1"))
         assert record["notes"] == [], program
+
+
+def test_tcp_through_trace_to_dovecot(installation: Installation, start_dovecot: StartDovecot,
+                                      workspace: Path) -> None:
+    """Over tcp: execproto's client -> trace -> Dovecot's script service (dot framing)."""
+    probe = write_probe(workspace / "tcp-probe.py", installation.python,
+                        installation.provide_execproto(workspace))
+    records = workspace / "tcp-records"
+    records.mkdir()
+    dovecot = start_dovecot([ScriptService("dot", probe, args=(str(records), "dot"),
+                                           env_allowlist=("USER",), inet_listener=True)])
+    upstream = f"tcp:127.0.0.1:{dovecot.port('dot')}"
+    payload = b"line one\n.dot line\nlast"
+    options: dict[str, Any] = {"input": payload, "env": {"USER": "u", "HOME": "/h"},
+                               "timeout": RUN_LIMIT, "connect_timeout": RUN_LIMIT}
+    direct = blocking.run(upstream, ["echo", "a b"], **options)
+    direct_probe = wait_records(records)[0]
+    for old in records.iterdir():
+        old.unlink()
+    with TraceProcess(["--listen", "tcp:127.0.0.1:0", "--to", upstream, "-e", "USER",
+                       "--json", "--show-payload", "12"], workspace, "tcp") as tap:
+        traced = blocking.run(f"tcp:{tap.address}", ["echo", "a b"], **options)
+        (record,) = tap.wait_records(1)
+    (traced_probe,) = read_records(records)
+    assert direct.ok and (traced.status, traced.output) == (direct.status, direct.output)
+    assert traced_probe == direct_probe
+    assert record["args"] == ["echo", "a b"]
+    assert record["env"] == [{"name": "USER", "value": "u", "status": "kept"},
+                             {"name": "HOME", "value": "/h", "status": "dropped"}]
+    assert record["payload_head"] == "line one\\r\\n.."
+    assert (record["payload_dot_end"], record["output_dot_end"]) == (True, True)
+    assert (record["result"], record["notes"]) == ("+", [])
