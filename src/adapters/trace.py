@@ -25,6 +25,13 @@ read again before that chunk has gone: a side is read only as fast as the
 other side accepts (backpressure), so memory per connection is bounded by
 two chunks plus the observer's header limit.  A connection on which nothing
 moves for ``idle_timeout`` seconds is closed.
+
+Why the blocking flavour: copying two sockets is one ``poll()`` loop per
+connection, with nothing to share between connections; the blocking
+:class:`~.blocking.Service` already shows the accept loop, the connection
+slots and the stop; and a script service sees few clients at once.  The
+procedure itself waits only through ``Wait`` requests, so the asyncio or
+trio driver could run it too.
 """
 
 from __future__ import annotations
@@ -507,6 +514,8 @@ def trace_connection(conn: _Connection, peer: Peer, config: TraceConfig,
         result, detail = "upstream-down", down
     else:
         conn.upstream = upstream
+        if conn.stopped:  # the stop came while connecting: cut at once
+            conn.cancel()
         try:
             yield from pump(client, upstream, observer, config.idle_timeout, notes)
         finally:
