@@ -248,8 +248,8 @@ def record_json(record: TraceRecord, *, show_payload: bool = False) -> dict[str,
         "noreply": None if header is None else header.noreply,
         "alarm": None if header is None else header.alarm,
         "args": None if header is None else [escape(a) for a in header.args],
-        "env": [{"name": escape(e.name), "value": escape(e.value), "status": e.status}
-                for e in s.env],
+        "env": [{"name": escape(e.name), "value": escape(e.value), "status": e.status,
+                 "escaped": e.escaped} for e in s.env],
         "request_bytes": s.request_bytes,
         "header_bytes": None if header is None else header.header_size,
         "payload_bytes": s.payload_bytes,
@@ -283,7 +283,9 @@ def record_text(record: TraceRecord, *, show_payload: bool = False) -> str:
         env = []
         for entry in s.env:
             text = f'{escape(entry.name, chr(34))}="{escape(entry.value, chr(34))}"'
-            env.append(text if entry.status is None else f"{text}({entry.status})")
+            fate = [entry.status] if entry.status is not None else []
+            fate += ["escaped"] if entry.escaped else []
+            env.append(f"{text}({','.join(fate)})" if fate else text)
         parts.append("env=[" + " ".join(env) + "]")
         payload = f"payload={s.payload_bytes}B sha256={s.payload_sha256[:16]}"
         if record.dot and s.payload_dot_end is not None:

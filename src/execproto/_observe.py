@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -44,6 +45,9 @@ from ._util import BytesLike, to_bytes
 
 __all__ = ["EnvEntry", "ExchangeObserver", "ExchangeSummary"]
 
+# The bytes tab-escaping changes (PROTOCOL.md 3.1).
+_NEEDS_ESCAPE = re.compile(b"[\x00\x01\t\n\r]")
+
 @dataclass(frozen=True, slots=True)
 class EnvEntry:
     """One ``env_`` line of a request, and what a service with an allowlist does with it.
@@ -54,11 +58,16 @@ class EnvEntry:
         status: ``"kept"``, ``"dropped"`` (not on the allowlist) or
             ``"overridden"`` (allowed, but a later line sets the same name:
             the last one wins); None when no allowlist was given.
+        escaped: the name or value has a byte the client must tab-escape (TAB,
+            CR, LF, SOH, NUL).  Dovecot's service up to 2.4.2 drops such
+            lines whatever its allowlist says (quirk Q6); *status* follows
+            2.4.3 and later, which keep them.
     """
 
     name: bytes
     value: bytes
     status: str | None
+    escaped: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,13 +130,18 @@ def env_fates(env: Iterable[tuple[bytes, bytes]],
     duplicate wins, an empty name is never allowed.
     """
     pairs = tuple(env)
-    if allowlist is None:
-        return tuple(EnvEntry(name, value, None) for name, value in pairs)
-    allowed = frozenset(allowlist) - {b""}
+    allowed = None if allowlist is None else frozenset(allowlist) - {b""}
     last = {name: index for index, (name, _) in enumerate(pairs)}
+
+    def fate(index: int, name: bytes) -> str | None:
+        if allowed is None:
+            return None
+        if name not in allowed:
+            return "dropped"
+        return "kept" if last[name] == index else "overridden"
+
     return tuple(
-        EnvEntry(name, value, "dropped" if name not in allowed
-                 else "kept" if last[name] == index else "overridden")
+        EnvEntry(name, value, fate(index, name), _NEEDS_ESCAPE.search(name + value) is not None)
         for index, (name, value) in enumerate(pairs))
 
 

@@ -222,8 +222,9 @@ def test_tcp_through_trace_to_dovecot(installation: Installation, start_dovecot:
     assert direct.ok and (traced.status, traced.output) == (direct.status, direct.output)
     assert traced_probe == direct_probe
     assert record["args"] == ["echo", "a b"]
-    assert record["env"] == [{"name": "USER", "value": "u", "status": "kept"},
-                             {"name": "HOME", "value": "/h", "status": "dropped"}]
+    assert record["env"] == [
+        {"name": "USER", "value": "u", "status": "kept", "escaped": False},
+        {"name": "HOME", "value": "/h", "status": "dropped", "escaped": False}]
     assert record["payload_head"] == "line one\\r\\n.."
     assert (record["payload_dot_end"], record["output_dot_end"]) == (True, True)
     assert (record["result"], record["notes"]) == ("+", [])

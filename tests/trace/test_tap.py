@@ -23,10 +23,24 @@ from pathlib import Path
 
 import pytest
 
-from execproto import DotEncoder, Request, TcpTarget, UnixTarget, encode_request
+from execproto import (
+    DotEncoder,
+    ExchangeObserver,
+    Request,
+    TcpTarget,
+    UnixTarget,
+    encode_request,
+)
 from execproto.adapters import TcpListener, UnixListener, blocking
 from execproto.adapters._common import ServiceConfig
-from execproto.adapters.trace import RecordWriter, escape, record_json, record_text
+from execproto.adapters.trace import (
+    Peer,
+    RecordWriter,
+    TraceRecord,
+    escape,
+    record_json,
+    record_text,
+)
 
 from .helpers import (
     LIMIT,
@@ -327,6 +341,21 @@ def test_record_writer_survives_a_broken_stream(short_dir: Path,
         "cannot write trace records any more ([Errno 32] Broken pipe); still forwarding") == 1
 
 
+def test_record_text_of_an_escaped_env_line() -> None:
+    """An env line that needed escaping is flagged: Dovecot up to 2.4.2 drops it (Q6)."""
+    observer = ExchangeObserver(env_allowlist=[b"A"])
+    observer.from_client(encode_request(Request(args=["x"], env={"A": "1\t2"}, noreply=True)))
+    observer.from_client(b"")
+    observer.from_service(b"")
+    record = TraceRecord(0.0, Peer("127.0.0.1:1"), "unix:/s", 0.001, observer.summary(),
+                         "noreply")
+    text = record_text(record)
+    assert text.startswith("1970-01-01T00:00:00.000Z 127.0.0.1:1 -> unix:/s 0.001s v4.0 noreply")
+    assert 'env=[A="1\\t2"(kept,escaped)]' in text
+    assert record_json(record)["env"] == [
+        {"name": "A", "value": "1\\t2", "status": "kept", "escaped": True}]
+
+
 def test_escape() -> None:
     assert escape(b"plain text") == "plain text"
     assert escape(b"a\tb\nc\rd\\e") == "a\\tb\\nc\\rd\\\\e"
@@ -403,8 +432,9 @@ def test_command_text_and_json(short_dir: Path) -> None:
     assert 'env=[USER="frank"(kept) PATH="/evil"(dropped)] payload=6B ' in line
     assert 'head="hel" output=3B result=+' in line
     assert obj["args"] == ["hello", "two words"]
-    assert obj["env"] == [{"name": "USER", "value": "frank", "status": "kept"},
-                          {"name": "PATH", "value": "/evil", "status": "dropped"}]
+    assert obj["env"] == [
+        {"name": "USER", "value": "frank", "status": "kept", "escaped": False},
+        {"name": "PATH", "value": "/evil", "status": "dropped", "escaped": False}]
     assert (obj["payload_bytes"], obj["payload_head"], obj["output_bytes"]) == (6, "hel", 3)
     assert obj["payload_sha256"] == hashlib.sha256(b"hello\n").hexdigest()
     assert (obj["result"], obj["notes"], obj["version"], obj["noreply"]) == ("+", [], "4.0", False)
