@@ -44,7 +44,8 @@ def test_block_runs(index: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 
 def test_sans_io_example_against_a_service(tmp_path: Path) -> None:
     namespace: dict[str, Any] = {}
-    exec(compile(BLOCKS[0], "README block 0", "exec"), namespace)
+    (block,) = [b for b in BLOCKS if "def run_over" in b]
+    exec(compile(block, "README: the sans-IO example", "exec"), namespace)
     path = str(tmp_path / "s.sock")
     with Service([UnixListener(path)], ServiceConfig(script="/bin/cat")) as service:
         thread = threading.Thread(target=service.serve_forever)

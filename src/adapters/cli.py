@@ -1,4 +1,4 @@
-"""The ``execproto`` command: run, trigger, serve, doctor, demo, vectors.
+"""The ``execproto`` command: run, trigger, serve, trace, doctor, demo, vectors.
 
 Exit status of ``execproto run``: 0 success, 1 failure (the script said
 ``-``, exited non-zero or died of a signal), 75 (EX_TEMPFAIL) internal
@@ -52,6 +52,7 @@ from execproto import (
     find_welcome,
     list_executes,
     parse_config,
+    parse_env_allowlist,
     parse_hostport,
     parse_target,
     pick_quota_warning,
@@ -635,6 +636,63 @@ def cmd_doctor(ns: argparse.Namespace) -> int:
     return 1 if counts["errors"] or counts["warnings"] else 0
 
 
+# --- trace -----------------------------------------------------------------------
+
+
+def _trace_listener(value: str, mode: int) -> Listener:
+    scheme, colon, rest = value.partition(":")
+    if colon and scheme == "unix" and rest:
+        return UnixListener(rest, mode)
+    if colon and scheme == "tcp":
+        try:
+            host, port = (rest[:-2].strip("[]"), 0) if rest.endswith(":0") else (
+                parse_hostport(rest, 0))
+        except ConfigError as exc:
+            raise UsageError(f"--listen {value}: {exc.message}") from None
+        if host and (port or rest.endswith(":0")):
+            return TcpListener(host, port)
+    raise UsageError(f"--listen expects unix:PATH or tcp:HOST:PORT, got {value!r}")
+
+
+def cmd_trace(ns: argparse.Namespace) -> int:
+    """Forward one listener to the real service and print what passes, until SIGTERM/SIGINT."""
+    from .trace import RecordWriter, Tap, TraceConfig
+
+    logging.basicConfig(level=getattr(logging, ns.log_level),
+                        format="%(asctime)s %(name)s: %(levelname)s: %(message)s")
+    try:
+        mode = int(ns.mode, 8)
+    except ValueError:
+        raise UsageError(f"--mode expects an octal mode, got {ns.mode!r}") from None
+    listener = _trace_listener(ns.listen, mode)
+    try:
+        upstream = parse_target(ns.to)
+    except ConfigError as exc:
+        raise UsageError(f"--to {ns.to}: {exc.message}") from None
+    if not isinstance(upstream, (UnixTarget, TcpTarget)):
+        raise UsageError(f"--to expects unix:PATH or tcp:HOST:PORT, got {ns.to!r}")
+    allow = None if ns.e is None else tuple(parse_env_allowlist(ns.e))
+    if ns.show_payload < 0 or ns.max_connections < 1:
+        raise UsageError("--show-payload must be >= 0 and --max-connections >= 1")
+    writer = RecordWriter(sys.stdout, as_json=ns.json, show_payload=ns.show_payload > 0)
+    config = TraceConfig(
+        upstream=upstream, emit=writer, env_allowlist=allow, keep=ns.show_payload,
+        max_connections=ns.max_connections, idle_timeout=ns.idle_timeout or None,
+        connect_timeout=ns.connect_timeout, grace=ns.grace)
+    try:
+        tap = Tap(listener, config)
+    except OSError as exc:
+        raise UsageError(f"cannot listen: {exc}") from None
+    stop = lambda *_: tap.stop()  # noqa: E731
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    logger = logging.getLogger("execproto")
+    logger.info("listening on %s", _addresses([tap.address]))
+    logger.info("forwarding to %s", upstream.label)
+    tap.serve_forever()
+    return 0
+
+
 # --- vectors ---------------------------------------------------------------------
 
 
@@ -957,6 +1015,44 @@ examples:
                         help="base of relative script paths (default %(default)s)")
     doctor.add_argument("--json", action="store_true", help="one JSON document instead of lines")
     doctor.set_defaults(func=cmd_doctor)
+
+
+    trace = sub.add_parser(
+        "trace", help="tap between Dovecot and its script service, print each request",
+        description="A transparent tap: listen where Dovecot connects, forward each connection "
+                    "byte for byte to the real service (--to) and print one record per "
+                    "connection when it ends: client, args, env lines (and which -e keeps), "
+                    "payload size and SHA-256, output size, result code (+, -, noreply, none, "
+                    "bad, bad-header, upstream-down) and duration, as text or JSON lines on "
+                    "stdout. Bad headers are forwarded unchanged; a tcp --listen means "
+                    "dot-framed clients. Stops cleanly on SIGTERM/SIGINT and removes its "
+                    "socket file.")
+    trace.add_argument("--listen", required=True, metavar="unix:PATH|tcp:HOST:PORT",
+                       help="where Dovecot connects (the socket the service had)")
+    trace.add_argument("--to", required=True, metavar="unix:PATH|tcp:HOST:PORT",
+                       help="the real service")
+    trace.add_argument("--mode", default="0600", metavar="OCTAL",
+                       help="unix socket mode (default %(default)s; Dovecot's clients often "
+                            "need 0666)")
+    trace.add_argument("-e", action="append", metavar="NAMES",
+                       help="the real service's env allowlist, to show which env lines it "
+                            "keeps (comma/space separated, repeatable)")
+    trace.add_argument("--json", action="store_true", help="one JSON object per line")
+    trace.add_argument("--show-payload", type=int, default=0, metavar="N",
+                       help="show the first N payload bytes, escaped (default: none)")
+    trace.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                       metavar="N", help="connections forwarded at once; others wait "
+                                         "(default %(default)s)")
+    trace.add_argument("--idle-timeout", type=float, default=300.0, metavar="S",
+                       help="close a connection on which nothing moved for S seconds "
+                            "(default %(default)s; 0: never)")
+    trace.add_argument("--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT,
+                       metavar="S", help="seconds to reach the service (default %(default)s)")
+    trace.add_argument("--grace", type=float, default=DEFAULT_GRACE, metavar="S",
+                       help="on stop, seconds open connections get (default %(default)s)")
+    trace.add_argument("--log-level", default="INFO",
+                       choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    trace.set_defaults(func=cmd_trace)
 
     demo = sub.add_parser("demo", help="show the protocol on all three drivers",
                           description="Start a sample service on a temporary unix socket and a "

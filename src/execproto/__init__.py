@@ -16,7 +16,8 @@ Client side::
 
 Service side: :class:`ServiceConnection`.  Codecs: :func:`encode_request`,
 :class:`HeaderParser`, :class:`ResultCodeFilter`, :class:`DotEncoder`,
-:class:`DotDecoder`, :func:`tab_escape`, :func:`tab_unescape`.  Settings:
+:class:`DotDecoder`, :func:`tab_escape`, :func:`tab_unescape`.  A tap's view of
+both streams: :class:`ExchangeObserver`.  Settings:
 :func:`parse_target`, :class:`ExecuteSettings`, :func:`parse_config`.  What
 Dovecot's own clients send (quota warnings, welcome, Pigeonhole's Sieve
 programs): :class:`ClientCall` and the ``*_call`` functions.  What
@@ -100,6 +101,7 @@ from ._header import (
     ParsedHeader,
     encode_request,
 )
+from ._observe import EnvEntry, ExchangeObserver, ExchangeSummary
 from ._reply import ResultCodeFilter
 from ._service import DEFAULT_LIBEXEC_DIR, ServiceConnection, ServiceState, parse_env_allowlist
 from ._settings import (
@@ -145,8 +147,11 @@ __all__ = [
     "DotDecoder",
     "DotEncoder",
     "EndOfInput",
+    "EnvEntry",
     "EnvLike",
     "ErrorKind",
+    "ExchangeObserver",
+    "ExchangeSummary",
     "ExecuteSettings",
     "Finding",
     "ForkTarget",

@@ -200,7 +200,7 @@ def test_the_fixture_in_a_test_file(pytester: pytest.Pytester) -> None:
 def readme_example() -> tuple[dict[str, str], str]:
     """The scripts and the test file of the README's pytest section."""
     text = README.read_text()
-    section = text.split("## Testing your scripts with pytest", 1)[1].split("\n## ", 1)[0]
+    section = text.split("### Test your scripts with pytest", 1)[1].split("\n### ", 1)[0]
     scripts: dict[str, str] = {}
     tests = []
     for lang, block in re.findall(r"```(\w+)\n(.*?)```", section, re.DOTALL):
