@@ -36,6 +36,8 @@ from pathlib import Path
 
 import pytest
 
+from execproto import ConfigError
+
 from .config_grammar import generated_cases
 from .doveconf import (
     HEADER_24,
@@ -171,7 +173,14 @@ def check(doveconf: Doveconf, result: Result) -> str | None:
     if not doveconf.is_24:
         drop_default_listeners(ours.root)
     mine = observed(ours.root)
-    printed = parse_printed(theirs.output, doveconf, result.path)
+    try:
+        printed = parse_printed(theirs.output, doveconf, result.path)
+    except ConfigError as exc:
+        # doveconf -n prints a value that ends in a backslash bare (`a\` for
+        # "a\\"): read back, by Dovecot too, it continues onto the next line.
+        if re.search(r"^[^#\n]*\\$", theirs.output, re.MULTILINE):
+            return f"KNOWN {name}: doveconf -n prints a value it cannot read back ({exc})"
+        raise
     seen = observed(printed, set(mine.services))
     if mine != seen:
         return f"FAIL {name}: values differ:\n  execproto: {mine}\n  doveconf:  {seen}"
