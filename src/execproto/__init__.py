@@ -48,6 +48,7 @@ from ._clients import (
     to_crlf,
     to_lf,
     welcome_call,
+    with_alarm,
 )
 from ._config import (
     ConfigLoader,
@@ -213,4 +214,5 @@ __all__ = [
     "to_crlf",
     "to_lf",
     "welcome_call",
+    "with_alarm",
 ]
