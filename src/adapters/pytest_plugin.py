@@ -6,6 +6,9 @@ on a unix socket in a temporary directory and returns a
 :class:`ScriptService` whose methods send what Dovecot's clients send: a
 quota warning, a quota_over_status mismatch, a welcome, Pigeonhole's
 ``pipe``, ``filter`` and ``execute``, or any request (:meth:`ScriptService.run`).
+What each client sends and how it judges the result is the core's
+(:class:`execproto.ClientCall`, the same as for ``execproto trigger``);
+this module only runs the service and the requests.
 The script runs as under Dovecot's service: a cleared environment with only
 the allowlisted ``env_`` entries, the socket as its stdin and stdout, its
 exit status turned into ``+``/``-``, and ``alarm=N`` enforced.
@@ -30,12 +33,28 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+# The core is this package's parent, imported already: no cost.
+from execproto import (
+    ClientCall,
+    ExecuteSettings,
+    QuotaOverStatus,
+    Verdict,
+    Welcome,
+    quota_over_status_call,
+    quota_warning_call,
+    sieve_call,
+    to_crlf,
+    welcome_call,
+    with_alarm,
+)
+
 if TYPE_CHECKING:
     from execproto import ClientConnection
 
     from ._common import RunResult
     from .blocking import Service
 
+# to_crlf (Pigeonhole's line ends) has been part of this module's API: the core's, re-exported.
 __all__ = ["ScriptFactory", "ScriptService", "dovecot_script", "to_crlf"]
 
 # How long teardown waits for the service thread, on top of its grace:
@@ -45,77 +64,6 @@ _STOP_GRACE = 2.0
 # waiting for it is bounded all the same.
 _LOG_WAIT = 5.0
 _EXIT = re.compile(r"(?:exit (\d+)|killed by signal (\d+))")
-_BARE_LF = re.compile(rb"(?<!\r)\n")
-
-
-def to_crlf(message: bytes) -> bytes:
-    r"""Give every bare LF of *message* a CR, as Pigeonhole does with its input.
-
-    sieve-extprograms-common.c, sieve_extprogram_set_input(), with the
-    default ``sieve_extprograms_input_eol = crlf``::
-
-        case SIEVE_EXTPROGRAMS_EOL_CRLF:
-            input = i_stream_create_crlf(input);
-
-    ``i_stream_create_crlf()`` (src/lib/istream-crlf.c) inserts a CR before
-    every LF not already preceded by one; a lone CR is left as it is.
-    """
-    return _BARE_LF.sub(b"\r\n", message)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Call:
-    """One request as a Dovecot client would put it on the wire."""
-
-    args: tuple[str, ...]
-    env: tuple[tuple[str, str], ...] = ()
-    input: bytes | None = None
-    noreply: bool = False
-
-
-def _as_args(args: str | Sequence[str], variables: Mapping[str, str]) -> tuple[str, ...]:
-    """An ``execute { args = ... }`` value, expanded and split, or a ready list."""
-    if isinstance(args, str):
-        from execproto import expand_args
-
-        # program-client.c, program_client_create_auto(): the setting comes
-        # expanded, then `t_strsplit_spaces(set->execute_args, " ")`.
-        return expand_args(args, variables)
-    if variables:
-        raise TypeError("variables only apply to an args template (a str)")
-    return tuple(args)
-
-
-def _dovecot_framing(call: _Call) -> _Call:
-    r"""Send an empty argument the way Dovecot does: as an empty line.
-
-    program-client-remote.c writes every argument as
-    ``str_append_tabescaped(str, *args); str_append_c(str, '\n');`` so an
-    empty one is an empty line, which ends the header (PROTOCOL.md 2.8.2,
-    quirk Q5): the arguments after it and the blank line that was meant to
-    end the header reach the script as the start of its stdin.  execproto's
-    own client sends ``\x01`` instead, so the same bytes are produced here
-    by moving them into the payload.
-    """
-    if "" not in call.args:
-        return call
-    from execproto import tab_escape
-
-    cut = call.args.index("")
-    rest = b"".join(tab_escape(arg.encode()) + b"\n" for arg in call.args[cut + 1:])
-    return dataclasses.replace(call, args=call.args[:cut],
-                               input=rest + b"\n" + (call.input or b""))
-
-
-def _sieve_env(user: str, home: str | None, host: str | None, sender: str | None,
-               recipient: str | None, orig_recipient: str | None) -> tuple[tuple[str, str], ...]:
-    """The environment Pigeonhole sets, in its order (sieve_extprogram_create())."""
-    # program_client_set_env(sprog->program_client, "USER", svinst->username);
-    # then HOME and HOST when known, and SENDER, RECIPIENT, ORIG_RECIPIENT
-    # `if (!smtp_address_isnull(...))`: a null sender (<>) is not sent.
-    pairs = [("USER", user), ("HOME", home), ("HOST", host), ("SENDER", sender),
-             ("RECIPIENT", recipient), ("ORIG_RECIPIENT", orig_recipient)]
-    return tuple((name, value) for name, value in pairs if value)
 
 
 class _Records(logging.Handler):
@@ -146,11 +94,19 @@ class ScriptService:
     """A script behind execproto's ``script`` service, and Dovecot's clients for it.
 
     Made by the :func:`dovecot_script` fixture; stopped at the end of the
-    test.  Every method runs one request, waits until the script has ended
-    and returns a :class:`execproto.adapters.RunResult`:
+    test.  The methods named after a Dovecot client build their request
+    with the core's description of that client (:class:`execproto.ClientCall`
+    from :func:`execproto.quota_warning_call` and the other ``*_call``
+    functions, as ``execproto trigger`` does), send exactly
+    :meth:`~execproto.ClientCall.header` and the call's input (``alarm=N``
+    added, when set), and judge the outcome with
+    :meth:`~execproto.ClientCall.judge`.  Every method runs one request,
+    waits until the script has ended and returns a
+    :class:`execproto.adapters.RunResult`:
 
-    * ``status``: SUCCESS or FAILURE from the ``+``/``-`` result code (in
-      noreply mode SUCCESS once the request went: Dovecot sees no more);
+    * ``status``: what the client makes of the run (the verdict's status):
+      SUCCESS or FAILURE from the ``+``/``-`` result code (in noreply mode
+      SUCCESS once the request went: Dovecot sees no more);
       INTERNAL_FAILURE when the run could not complete (``kind``, ``detail``).
     * ``output``: what the script wrote to stdout (without the result code).
     * ``returncode``: the script's exit code as the service saw it (``-N``
@@ -159,15 +115,20 @@ class ScriptService:
       a run of this service has ended in INTERNAL_FAILURE (its script may
       end later, so log lines and runs can no longer be matched).
 
-    Requests run one at a time.  :attr:`last_request` holds the exact bytes
-    of the last one (header and payload).
+    Requests run one at a time.
 
     Attributes:
         script: the script's absolute path.
         socket_path: the unix socket the service listens on.
         alarm: ``alarm=N`` sent with every request, or None.
         timeout: the client's limit on one run, in seconds.
-        last_request: the bytes the last request sent.
+        last_request: the bytes the last request sent (header and payload).
+        last_call: the :class:`execproto.ClientCall` of the last request,
+            None after :meth:`run`.
+        last_verdict: what that client made of it
+            (:class:`execproto.Verdict`: ``ok``, ``status`` and its
+            ``message``, e.g. Pigeonhole's "piped message to program
+            'NAME'"), None after :meth:`run`.
     """
 
     def __init__(self, script: str, script_args: Sequence[str], *,
@@ -181,6 +142,8 @@ class ScriptService:
         self.alarm = alarm
         self.timeout = timeout
         self.last_request = b""
+        self.last_call: ClientCall | None = None
+        self.last_verdict: Verdict | None = None
         self._lock = threading.Lock()
         self._lost = False
         self._records = _Records()
@@ -216,7 +179,7 @@ class ScriptService:
 
     def quota_warning(self, args: str | Sequence[str] = (), /,
                       **variables: str) -> RunResult:
-        """Send what a quota warning sends: noreply, the args, nothing else.
+        """Send what a quota warning sends (:func:`execproto.quota_warning_call`).
 
         Args:
             args: the ``execute NAME { args = ... }`` value, expanded with
@@ -224,83 +187,61 @@ class ScriptService:
                 does, or the argument list itself.
             variables: the values of ``%{...}`` in *args*.
 
-        quota.c, quota_warning_execute() (2.4), which a warning calls with
-        ``last_arg`` NULL, so nothing is appended::
-
-            const char *const append_args[] = { last_arg, NULL };
-            struct program_client_parameters params = {
-                .client_connect_timeout_msecs = 1000,
-                .no_reply = TRUE,
-                .append_args = append_args,
-            };
-
-        No env, no input, and Dovecot closes without reading: a script's
-        output is lost there (returned here so a test can check there is
-        none).  2.3 sends the same (PROTOCOL.md 9.5.2:
-        ``VERSION\\tscript\\t4\\t0\\nnoreply\\n10\\nfrank\\n\\n``).
+        noreply, the arguments, no env, no input; Dovecot closes without
+        reading, so a script's output is lost there (returned here so a
+        test can check there is none).  2.3 and 2.4 send the same.
         """
-        return self._dovecot(_Call(_as_args(args, variables), noreply=True))
+        settings, ready = self._execute(args, variables)
+        return self._dovecot(quota_warning_call(settings, variables, args=ready))
 
     def quota_over_status(self, args: str | Sequence[str] = (), /, *, current: str,
                           **variables: str) -> RunResult:
         """Send what a quota_over_status mismatch sends: a quota warning plus *current*.
 
-        quota.c, quota_over_status_check_root()::
-
-            quota_warning_execute(event,
-                                  root->set->quota_over_status_current,
-                                  "quota_over_status mismatch");
-
-        so ``quota_over_status_current`` is the last argument, even when it
-        is empty (quirk Q21): then, as from Dovecot, the header ends early
-        and the script gets no last argument and one LF on stdin.
+        :func:`execproto.quota_over_status_call`, as Dovecot 2.4:
+        ``quota_over_status_current`` is the last argument even when it is
+        empty (quirk Q21): then, as from Dovecot, the header ends early and
+        the script gets no last argument and one LF on stdin.  *args* and
+        *variables* as for :meth:`quota_warning`.
         """
-        call = _Call((*_as_args(args, variables), current), noreply=True)
-        return self._dovecot(call)
+        settings, ready = self._execute(args, variables)
+        over = QuotaOverStatus(settings, mask=None, current=None, dovecot="2.4")
+        return self._dovecot(quota_over_status_call(over, variables, current, args=ready))
 
     def welcome(self, args: str | Sequence[str] = (), /, *, wait: bool = False,
                 **variables: str) -> RunResult:
         """Send what the welcome plugin (2.4) sends when a user's INBOX is created.
 
-        welcome-plugin.c, script_execute()::
-
-            .no_reply = !wait,
-
-        no env, no input.  ``wait = no`` (the default) is noreply; with
-        ``wait = yes`` the result code counts (Dovecot logs a failure).
-        2.3's welcome client sends the same header but never half-closes
-        and reads one buffer (PROTOCOL.md 9.5.3); that is not emulated.
+        :func:`execproto.welcome_call`: no env, no input; ``wait = no``
+        (the default) is noreply; with ``wait = yes`` the result code
+        counts (Dovecot logs a failure).  2.3's welcome client sends the
+        same header but never half-closes and reads one buffer; that is
+        not emulated.  *args* and *variables* as for :meth:`quota_warning`.
         """
-        return self._dovecot(_Call(_as_args(args, variables), noreply=not wait))
+        settings, ready = self._execute(args, variables)
+        welcome = Welcome(settings, wait=wait, dovecot="2.4")
+        return self._dovecot(welcome_call(welcome, variables, args=ready))
 
     def sieve_pipe(self, message: bytes, program_args: Sequence[str] = (), *, user: str,
                    home: str | None = None, host: str | None = None,
                    sender: str | None = None, recipient: str | None = None,
                    orig_recipient: str | None = None) -> RunResult:
-        """Send what Pigeonhole's ``pipe "program" [args]`` sends.
+        """Send what Pigeonhole's ``pipe "program" [args]`` sends (:func:`execproto.sieve_call`).
 
-        The message is the input with CRLF line ends (:func:`to_crlf`),
-        with the environment of sieve_extprogram_create(): ``USER``, then
+        Reply mode; the message is the input with CRLF line ends
+        (:func:`execproto.to_crlf`); the environment is ``USER``, then
         ``HOME``, ``HOST``, ``SENDER``, ``RECIPIENT``, ``ORIG_RECIPIENT``
-        when given (a null sender is not sent).  Reply mode, as the
-        parameters set no ``no_reply``::
-
-            struct program_client_parameters pc_params = {
-                .client_connect_timeout_msecs =
-                    SIEVE_EXTPROGRAMS_CONNECT_TIMEOUT_MSECS,
-                .input_idle_timeout_msecs = extctx->set->exec_timeout * 1000,
-            };
-
-        cmd-pipe.c takes ``ret > 0`` (SUCCESS) as "piped message to
-        program"; anything else fails the action (``:try`` ignores that).
-        The output is read and discarded.  Which of these variables the
-        script sees depends on the service's allowlist (``executable =
-        script -e ...``).  Pigeonhole's own run limit,
-        ``sieve_extprograms_exec_timeout``, is 10 s by default; here the
+        when given (None, ``""`` or the null address ``<>`` leaves one
+        out).  Which of them the script sees depends on the service's
+        allowlist (``executable = script -e ...``).  SUCCESS is "piped
+        message to program"; anything else fails the action (``:try``
+        ignores that).  The program's name, in the verdict's message, is
+        the script's file name.  Pigeonhole's own run limit,
+        ``sieve_pipe_exec_timeout``, is 10 s by default; here the
         fixture's ``timeout`` applies.
         """
-        env = _sieve_env(user, home, host, sender, recipient, orig_recipient)
-        return self._dovecot(_Call(tuple(program_args), env, to_crlf(message)))
+        return self._sieve("sieve-pipe", message, program_args, user, home, host, sender,
+                           recipient, orig_recipient)
 
     def sieve_filter(self, message: bytes, program_args: Sequence[str] = (), *, user: str,
                      home: str | None = None, host: str | None = None,
@@ -308,16 +249,12 @@ class ScriptService:
                      orig_recipient: str | None = None) -> RunResult:
         """Send what Pigeonhole's ``filter "program" [args]`` sends; the output is the new message.
 
-        The request is that of :meth:`sieve_pipe`.  cmd-filter.c::
-
-            if (ret > 0)
-                newmsg = sieve_extprogram_get_output_seekable(sprog);
-
-        so only with SUCCESS does ``output`` replace the message; FAILURE is
-        "program indicated false result" and the message stays as it was.
+        The request is that of :meth:`sieve_pipe`.  Only with SUCCESS does
+        ``output`` replace the message; FAILURE is "program indicated false
+        result" and the message stays as it was.
         """
-        env = _sieve_env(user, home, host, sender, recipient, orig_recipient)
-        return self._dovecot(_Call(tuple(program_args), env, to_crlf(message)))
+        return self._sieve("sieve-filter", message, program_args, user, home, host, sender,
+                           recipient, orig_recipient)
 
     def sieve_execute(self, program_args: Sequence[str] = (), *, input: bytes | None = None,
                       user: str, home: str | None = None, host: str | None = None,
@@ -328,77 +265,106 @@ class ScriptService:
         Args:
             program_args: the Sieve command's argument list.
             input: the ``:input "..."`` string, or the message for
-                ``:pipe``; None for neither (no input).  Either goes
-                through sieve_extprogram_set_input(), so its line ends
-                become CRLF too.
+                ``:pipe``; None for neither (no input).  Either gets
+                CRLF line ends too.
             user: ``USER``.
             home: ``HOME``, None for none.
             host: ``HOST``, None for none.
-            sender: ``SENDER``, None (or "") for the null sender.
+            sender: ``SENDER``, None, ``""`` or ``<>`` for the null sender.
             recipient: ``RECIPIENT``, None for none.
             orig_recipient: ``ORIG_RECIPIENT``, None for none.
 
         Reply mode; the output is what ``:output "var"`` would assign.
         """
-        env = _sieve_env(user, home, host, sender, recipient, orig_recipient)
-        data = None if input is None else to_crlf(input)
-        return self._dovecot(_Call(tuple(program_args), env, data))
+        return self._sieve("sieve-execute", input, program_args, user, home, host, sender,
+                           recipient, orig_recipient)
 
     def run(self, args: Sequence[str] = (), *, input: bytes | None = None,
             env: Mapping[str, str] | None = None, noreply: bool = False) -> RunResult:
         """Send any request, as execproto's own client does.
 
         Unlike the Dovecot-client methods, an empty argument is sent so that
-        the script receives it (``\\x01``, quirk Q5).
+        the script receives it (``\\x01``, quirk Q5).  Nothing judges the
+        result: :attr:`last_call` and :attr:`last_verdict` become None.
         """
-        call = _Call(tuple(args), tuple((env or {}).items()), input, noreply)
-        return self._send(call)
+        with self._lock:
+            self.last_call = self.last_verdict = None
+            return self._exchange(tuple(args), tuple((env or {}).items()), input, noreply)
+
+    # -- building and judging the requests -------------------------------
+
+    def _settings(self, args: str = "") -> ExecuteSettings:
+        """An execute block (or Sieve program) reaching this service, named after the script."""
+        return ExecuteSettings(os.path.basename(self.script), unix_socket_path=self.socket_path,
+                               args=args)
+
+    def _execute(self, args: str | Sequence[str], variables: Mapping[str, str],
+                 ) -> tuple[ExecuteSettings, tuple[str, ...] | None]:
+        """The execute block with an args template, or without one and the ready list."""
+        if isinstance(args, str):
+            return self._settings(args), None
+        if variables:
+            raise TypeError("variables only apply to an args template (a str)")
+        return self._settings(), tuple(args)
+
+    def _sieve(self, kind: str, message: bytes | None, program_args: Sequence[str], user: str,
+               home: str | None, host: str | None, sender: str | None,
+               recipient: str | None, orig_recipient: str | None) -> RunResult:
+        return self._dovecot(sieve_call(kind, self._settings(), program_args, user=user,
+                                        message=message, home=home, host=host, sender=sender,
+                                        recipient=recipient, orig_recipient=orig_recipient))
+
+    def _dovecot(self, call: ClientCall) -> RunResult:
+        # for_client(): the arguments and payload that make execproto's
+        # client send call.header() and call.input, empty arguments
+        # included (as execproto trigger sends them).
+        args, payload = call.for_client()
+        with self._lock:
+            result = self._exchange(args, call.env, payload, call.noreply)
+            verdict = call.judge(result.status, result.kind, result.detail, result.output)
+            self.last_call, self.last_verdict = call, verdict
+        return dataclasses.replace(result, status=verdict.status)
 
     # -- the wire ---------------------------------------------------------
 
-    def _dovecot(self, call: _Call) -> RunResult:
-        return self._send(_dovecot_framing(call))
-
-    def _send(self, call: _Call) -> RunResult:
+    def _exchange(self, args: tuple[str, ...], env: tuple[tuple[str, str], ...],
+                  input: bytes | None, noreply: bool) -> RunResult:
+        """Run one request (the lock held) and add the script's exit status."""
         from execproto import ClientConnection, Data, EndOfInput, Request, Status
 
         # The bytes, computed the way every unix client of execproto makes them.
         conn = ClientConnection()
-        wire = conn.send(Request(args=call.args, env=call.env, noreply=call.noreply))
+        wire = conn.send(Request(args=args, env=env, noreply=noreply))
         if self.alarm is not None:
-            version, _, rest = wire.partition(b"\n")
-            wire = version + b"\nalarm=%d\n" % self.alarm + rest
-        if call.input is not None:
-            wire += conn.send(Data(data=call.input))
+            wire = with_alarm(wire, self.alarm)
+        if input is not None:
+            wire += conn.send(Data(data=input))
         wire += conn.send(EndOfInput())
-        with self._lock:
-            self.last_request = wire
-            with self._records.changed:
-                seen = len(self._records.exits)
-            if self.alarm is None:
-                from . import blocking
+        self.last_request = wire
+        with self._records.changed:
+            seen = len(self._records.exits)
+        if self.alarm is None:
+            from . import blocking
 
-                # noreply: read to EOF anyway.  Dovecot's quota and welcome
-                # clients close at once (program-client-remote.c:
-                # `pclient->fd_in = (prclient->noreply && pclient->output == NULL ?
-                # -1 : fd);`); reading changes no byte sent, and the
-                # service closes only when the script has ended, so a test sees
-                # the script's effects.  The only difference: output written
-                # here arrives, where under Dovecot the script gets EPIPE.
-                result = blocking.run(f"unix:{self.socket_path}", call.args,
-                                      input=call.input, env=call.env, noreply=call.noreply,
-                                      read_output=True, timeout=self.timeout)
-            else:
-                result = _run_raw(self.socket_path, conn, wire, self.timeout)
-            if result.status is Status.INTERNAL_FAILURE:
-                # The script may still be running: its log line comes later,
-                # perhaps after the next run's, so none can be matched any more.
-                self._lost = True
-                return result
-            with self._records.changed:
-                self._records.changed.wait_for(lambda: len(self._records.exits) > seen,
-                                               _LOG_WAIT)
-                exits = self._records.exits[seen:seen + 1]
+            # noreply: read to EOF anyway.  Dovecot's quota and welcome
+            # clients close at once (program-client-remote.c:
+            # `pclient->fd_in = (prclient->noreply && pclient->output == NULL ?
+            # -1 : fd);`); reading changes no byte sent, and the
+            # service closes only when the script has ended, so a test sees
+            # the script's effects.  The only difference: output written
+            # here arrives, where under Dovecot the script gets EPIPE.
+            result = blocking.run(f"unix:{self.socket_path}", args, input=input, env=env,
+                                  noreply=noreply, read_output=True, timeout=self.timeout)
+        else:
+            result = _run_raw(self.socket_path, conn, wire, self.timeout)
+        if result.status is Status.INTERNAL_FAILURE:
+            # The script may still be running: its log line comes later,
+            # perhaps after the next run's, so none can be matched any more.
+            self._lost = True
+            return result
+        with self._records.changed:
+            self._records.changed.wait_for(lambda: len(self._records.exits) > seen, _LOG_WAIT)
+            exits = self._records.exits[seen:seen + 1]
         code = exits[0] if exits and not self._lost else None
         return dataclasses.replace(result, returncode=code)
 

@@ -49,6 +49,7 @@ from ._clients import (
     to_crlf,
     to_lf,
     welcome_call,
+    with_alarm,
 )
 from ._config import (
     ConfigLoader,
@@ -218,4 +219,5 @@ __all__ = [
     "to_crlf",
     "to_lf",
     "welcome_call",
+    "with_alarm",
 ]

@@ -11,6 +11,9 @@ message, the envelope), and returns a :class:`ClientCall`: the target, the
 arguments after variable expansion, the environment in Dovecot's order, the
 reply mode, the payload as Dovecot transforms it, the timeouts, and
 :meth:`ClientCall.judge`, which says what that client does with the result.
+Without a configuration, an :class:`ExecuteSettings` made on the spot and
+the ``args=`` list do (the pytest plugin builds its requests so);
+:func:`with_alarm` adds the ``alarm=N`` line of the FTS decoder's client.
 
 Nothing here does I/O: a caller runs the call (``execproto trigger`` does so
 with the blocking adapter) and hands the outcome back to ``judge``.
@@ -31,10 +34,10 @@ from ._config import (
     legacy_target,
 )
 from ._config import _top_setting as top_setting
-from ._errors import ConfigError
+from ._errors import ConfigError, LocalProtocolError
 from ._escape import tab_escape
 from ._events import ErrorKind, Status
-from ._header import SCRIPT_MAJOR_VERSION
+from ._header import _UINT32_MAX, _VERSION_LINE, SCRIPT_MAJOR_VERSION
 from ._settings import DEFAULT_BASE_DIR, ExecuteSettings, Target, TcpTarget, UnixTarget
 
 __all__ = [
@@ -61,6 +64,7 @@ __all__ = [
     "to_crlf",
     "to_lf",
     "welcome_call",
+    "with_alarm",
 ]
 
 #: The clients, as ``execproto trigger`` names them.
@@ -193,6 +197,32 @@ class ClientCall:
         if self.kind == "welcome":
             return _judge_welcome(self, status, problem, output)
         return _judge_sieve(self, status, problem)
+
+
+def with_alarm(header: bytes, seconds: int) -> bytes:
+    r"""*header* with the ``alarm=N`` line, as Dovecot's FTS decoder client sends it.
+
+    None of the clients above sends one; fts-parser-script.c does, right
+    after the VERSION line::
+
+        #define SCRIPT_HANDSHAKE "VERSION\tscript\t4\t0\nalarm=10\nnoreply\n"
+
+    The service then ends the script after *seconds* (0: no limit).
+
+    Args:
+        header: a request header (:meth:`ClientCall.header`, or execproto's
+            client's), starting with the VERSION line.
+        seconds: the ``alarm=`` value, 0 to 2**32 - 1 as the service reads it.
+
+    Raises:
+        LocalProtocolError: *header* does not start with the VERSION line,
+            or *seconds* is out of range.
+    """
+    if not header.startswith(_VERSION_LINE):
+        raise LocalProtocolError("alarm=: not a request header (no VERSION line)")
+    if not 0 <= seconds <= _UINT32_MAX:
+        raise LocalProtocolError(f"alarm={seconds}: out of range (0 to {_UINT32_MAX})")
+    return _VERSION_LINE + b"alarm=%d\n" % seconds + header[len(_VERSION_LINE):]
 
 
 def _judge_quota(call: ClientCall, status: Status, kind: ErrorKind, problem: str) -> Verdict:
@@ -597,14 +627,18 @@ def sieve_extension_settings(root: ConfigSection, extension: str) -> SieveSettin
 # --- the clients --------------------------------------------------------------------------
 
 
-def _expanded(settings: ExecuteSettings, variables: Mapping[str, str],
-              base_dir: str) -> tuple[Target, tuple[str, ...]]:
+def _expanded(settings: ExecuteSettings, variables: Mapping[str, str], base_dir: str,
+              args: Sequence[str] | None) -> tuple[Target, tuple[str, ...]]:
     expanded = settings.expand(variables)
+    if args is not None:
+        return expanded.target(base_dir=base_dir), tuple(args)
     return expanded.target(base_dir=base_dir), expanded.expand_args(variables)
 
 
+
 def quota_warning_call(warning: QuotaWarning | ExecuteSettings, variables: Mapping[str, str],
-                       *, base_dir: str = DEFAULT_BASE_DIR) -> ClientCall:
+                       *, args: Sequence[str] | None = None,
+                       base_dir: str = DEFAULT_BASE_DIR) -> ClientCall:
     """What the quota plugin sends for a warning (2.3 and 2.4 alike on the wire).
 
     2.4, quota.c, quota_warning_execute()::
@@ -622,20 +656,28 @@ def quota_warning_call(warning: QuotaWarning | ExecuteSettings, variables: Mappi
     is a socket under ``base_dir``.  No env, no payload; noreply, and the
     client closes without reading: the exit status is never known.
 
+    Args:
+        warning: from :func:`pick_quota_warning`, or an execute block.
+        variables: ``%{...}`` values (``user``...).
+        args: the argument list itself, sent as it is instead of the
+            settings' ``args`` expanded and split (a caller without a
+            configuration, such as a test, may have the list already).
+        base_dir: for a relative unix socket path.
+
     Raises:
         ConfigError: an unknown variable, a bad target.
     """
     settings = warning.settings if isinstance(warning, QuotaWarning) else warning
     assert isinstance(settings, ExecuteSettings)
-    target, args = _expanded(settings, variables, base_dir)
-    return ClientCall("quota-warning", target, args, noreply=True, read_output=False,
+    target, sent = _expanded(settings, variables, base_dir, args)
+    return ClientCall("quota-warning", target, sent, noreply=True, read_output=False,
                       connect_timeout=QUOTA_CONNECT_TIMEOUT,
                       dovecot=warning.dovecot if isinstance(warning, QuotaWarning) else "",
                       source="dovecot src/plugins/quota/quota.c, quota_warning_execute()")
 
 
 def quota_over_status_call(over: QuotaOverStatus, variables: Mapping[str, str],
-                           current: str | None = None, *,
+                           current: str | None = None, *, args: Sequence[str] | None = None,
                            base_dir: str = DEFAULT_BASE_DIR) -> ClientCall:
     """What the quota plugin sends when the over-quota status and the flag disagree.
 
@@ -654,19 +696,21 @@ def quota_over_status_call(over: QuotaOverStatus, variables: Mapping[str, str],
         variables: ``%{...}`` values (``user``...).
         current: the flag value (normally from the userdb); ``None``: the
             configuration's, if any.
+        args: the argument list itself instead of the settings' ``args``
+            (see :func:`quota_warning_call`); *current* still follows it.
         base_dir: for a relative unix socket path.
 
     Raises:
         ConfigError: an unknown variable, a bad target.
     """
-    target, args = _expanded(over.settings, variables, base_dir)
+    target, sent = _expanded(over.settings, variables, base_dir, args)
     value = current if current is not None else over.current
     if over.dovecot == "2.3":
         if value is not None:
-            args += (value,)
+            sent += (value,)
     else:
-        args += (value or "",)
-    return ClientCall("quota-over-status", target, args, noreply=True, read_output=False,
+        sent += (value or "",)
+    return ClientCall("quota-over-status", target, sent, noreply=True, read_output=False,
                       connect_timeout=QUOTA_CONNECT_TIMEOUT, dovecot=over.dovecot,
                       source="dovecot src/plugins/quota/quota.c, quota_over_status_check_root()"
                              if over.dovecot == "2.4" else
@@ -674,6 +718,7 @@ def quota_over_status_call(over: QuotaOverStatus, variables: Mapping[str, str],
 
 
 def welcome_call(welcome: Welcome, variables: Mapping[str, str], *,
+                 args: Sequence[str] | None = None,
                  base_dir: str = DEFAULT_BASE_DIR) -> ClientCall:
     """What the welcome plugin sends when a user's INBOX is created.
 
@@ -691,12 +736,19 @@ def welcome_call(welcome: Welcome, variables: Mapping[str, str], *,
     judges one ``read()`` of the reply: anything but a leading ``+`` is an
     error.
 
+    Args:
+        welcome: from :func:`find_welcome`.
+        variables: ``%{...}`` values (``user``...).
+        args: the argument list itself instead of the settings' ``args``
+            (see :func:`quota_warning_call`).
+        base_dir: for a relative unix socket path.
+
     Raises:
         ConfigError: an unknown variable, a bad target.
     """
-    target, args = _expanded(welcome.settings, variables, base_dir)
+    target, sent = _expanded(welcome.settings, variables, base_dir, args)
     legacy = welcome.dovecot == "2.3"
-    return ClientCall("welcome", target, args, noreply=not welcome.wait,
+    return ClientCall("welcome", target, sent, noreply=not welcome.wait,
                       read_output=welcome.wait, connect_timeout=QUOTA_CONNECT_TIMEOUT,
                       timeout=WELCOME_23_TIMEOUT if legacy else None, half_close=not legacy,
                       dovecot=welcome.dovecot,

@@ -16,11 +16,15 @@ from execproto import (
     ErrorKind,
     ExecuteSettings,
     ForkTarget,
+    HeaderParser,
+    LocalProtocolError,
+    QuotaOverStatus,
     Request,
     SieveSettings,
     Status,
     TcpTarget,
     UnixTarget,
+    Welcome,
     find_quota_over_status,
     find_welcome,
     parse_config,
@@ -34,6 +38,7 @@ from execproto import (
     to_crlf,
     to_lf,
     welcome_call,
+    with_alarm,
 )
 
 CONFIG_24 = """\
@@ -374,3 +379,45 @@ def test_sieve_settings_errors_and_2_3_form() -> None:
 def test_line_ends() -> None:
     assert to_crlf(b"a\nb\r\nc\rd\n") == b"a\r\nb\r\nc\rd\r\n"
     assert to_lf(b"a\r\nb\nc\r") == b"a\nb\nc\r"
+
+
+# --- without a configuration: a ready argument list, alarm= ---------------------------------
+
+
+def test_a_ready_argument_list_replaces_the_template() -> None:
+    settings = ExecuteSettings("qw", unix_socket_path="/run/%{user}.sock", args="ignored")
+    call = quota_warning_call(settings, {"user": "u"}, args=["95", "two words", "%{user}"])
+    # Sent as it is: no splitting, no expansion (the target still expands).
+    assert (call.target, call.args) == (UnixTarget("/run/u.sock"), ("95", "two words", "%{user}"))
+    assert call.header() == b"VERSION\tscript\t4\t0\nnoreply\n95\ntwo words\n%{user}\n\n"
+    over = QuotaOverStatus(ExecuteSettings("o", unix_socket_path="/s"), None, None, "2.4")
+    assert quota_over_status_call(over, {}, "", args=["a b"]).args == ("a b", "")
+    assert quota_over_status_call(over, {}, args=[]).args == ("",)
+    welcome = Welcome(ExecuteSettings("w", unix_socket_path="/s", args="x"), False, "2.4")
+    assert welcome_call(welcome, {}, args=("a", "b")).args == ("a", "b")
+    assert welcome_call(welcome, {}).args == ("x",)
+
+
+@pytest.mark.parametrize("seconds", [0, 1, 2**32 - 1])
+def test_with_alarm(seconds: int) -> None:
+    call = quota_warning_call(ExecuteSettings("q", unix_socket_path="/s"), {}, args=["a"])
+    header = with_alarm(call.header(), seconds)
+    # fts-parser-script.c: "VERSION\tscript\t4\t0\nalarm=10\nnoreply\n".
+    assert header == b"VERSION\tscript\t4\t0\nalarm=%d\nnoreply\na\n\n" % seconds
+    parser = HeaderParser()
+    parsed = parser.feed(header)
+    assert parsed is not None
+    assert (parsed.alarm, parsed.noreply, parsed.args) == (seconds, True, (b"a",))
+    # execproto's own client's header takes it the same way.
+    own = ClientConnection().send(Request(args=[b"x"], env=[(b"A", b"1")]))
+    assert with_alarm(own, seconds).startswith(b"VERSION\tscript\t4\t0\nalarm=%d\nenv_A=1\n"
+                                              % seconds)
+
+
+def test_with_alarm_refuses() -> None:
+    with pytest.raises(LocalProtocolError, match="out of range"):
+        with_alarm(b"VERSION\tscript\t4\t0\n-\n\n", -1)
+    with pytest.raises(LocalProtocolError, match="out of range"):
+        with_alarm(b"VERSION\tscript\t4\t0\n-\n\n", 2**32)
+    with pytest.raises(LocalProtocolError, match="no VERSION line"):
+        with_alarm(b"-\n\n", 1)

@@ -47,9 +47,18 @@ from pathlib import Path
 
 import pytest
 
-from execproto import ErrorKind, Status
+import execproto
+from execproto import ErrorKind, Status, with_alarm
+from execproto.adapters import pytest_plugin
 
 HERE = Path(__file__).parent
+
+
+def sent_as_described(svc):
+    """The bytes on the wire are the core's description of the call, no more."""
+    call = svc.last_call
+    wire = call.header() if svc.alarm is None else with_alarm(call.header(), svc.alarm)
+    return svc.last_request == wire + (call.input or b"")
 
 
 def test_quota_warning_appends_its_args(dovecot_script, tmp_path):
@@ -60,6 +69,8 @@ def test_quota_warning_appends_its_args(dovecot_script, tmp_path):
     assert log.read_text() == f"{log} 10 frank\n"
     # PROTOCOL.md 2.11: what 2.3.19's quota warning was measured to send.
     assert svc.last_request == b"VERSION\tscript\t4\t0\nnoreply\n10\nfrank\n\n"
+    assert sent_as_described(svc) and svc.last_call.kind == "quota-warning"
+    assert svc.last_verdict.ok and "never known" in svc.last_verdict.message
     assert svc.quota_warning(["95", "frank"]).ok
     assert log.read_text().splitlines()[1] == f"{log} 95 frank"
 
@@ -85,6 +96,8 @@ def test_sieve_pipe_reads_the_message_with_crlf(dovecot_script, tmp_path):
         b"env_SENDER=a@b\nenv_RECIPIENT=recipient@example.com\n"
         b"env_ORIG_RECIPIENT=recipient@example.com\n-\none\ntwo words\n\n"
         b"Subject: hi\r\n\r\nbody\r\nend\r\n")
+    assert sent_as_described(svc)
+    assert svc.last_verdict.message == "piped message to program 'keep.py'"
 
 
 def test_sieve_filter_rewrites_the_message(dovecot_script):
@@ -92,22 +105,30 @@ def test_sieve_filter_rewrites_the_message(dovecot_script):
     result = svc.sieve_filter(b"Subject: x\n\nquiet\n", user="frank", sender="")
     assert (result.status, result.output) == (Status.SUCCESS, b"SUBJECT: X\r\n\r\nQUIET\r\n")
     assert b"SENDER" not in svc.last_request  # the null sender is not sent
+    svc.sieve_filter(b"x\n", user="frank", sender="<>", recipient="<>")
+    assert b"SENDER" not in svc.last_request  # nor is it written <> (smtp_address_isnull)
+    svc.sieve_filter(b"x\n", user="")
+    assert b"\nenv_USER=\n" in svc.last_request  # USER is always sent
+    assert sent_as_described(svc)
 
 
 def test_sieve_execute_with_input(dovecot_script):
     svc = dovecot_script(HERE / "upper.py")
     assert svc.sieve_execute(["x"], input=b"a\nb", user="frank").output == b"A\r\nB"
     assert svc.sieve_execute(user="frank").output == b""
+    assert sent_as_described(svc) and svc.last_call.input is None
 
 
 def test_a_failing_script(dovecot_script):
     svc = dovecot_script(HERE / "fail.sh")
     result = svc.sieve_pipe(b"m\n", user="frank")
     assert (result.status, result.output, result.returncode) == (Status.FAILURE, b"no\n", 1)
+    assert "the pipe action fails" in svc.last_verdict.message
     # noreply: Dovecot's quota warning cannot tell; the exit status is still here.
     result = svc.quota_warning()
     assert (result.status, result.returncode) == (Status.SUCCESS, 1)
     assert svc.welcome(wait=True).status is Status.FAILURE
+    assert 'logs "Execution failed: 0"' in svc.last_verdict.message
     assert "exit 1" in svc.log[-1]
 
 
@@ -139,7 +160,10 @@ def test_alarm_ends_the_script(dovecot_script):
     assert (result.status, result.output, result.returncode) == (
         Status.FAILURE, b"started\n", -15)
     assert svc.last_request == b"VERSION\tscript\t4\t0\nalarm=1\n-\n30\n\n"
+    assert svc.last_call is None and svc.last_verdict is None  # run() is no Dovecot client
     assert svc.quota_warning(["30"]).returncode == -15
+    assert svc.last_request == b"VERSION\tscript\t4\t0\nalarm=1\nnoreply\n30\n\n"
+    assert sent_as_described(svc)
 
 
 def test_the_client_timeout(dovecot_script):
@@ -159,6 +183,7 @@ def test_quota_over_status_with_an_empty_value(dovecot_script):
     # there and the blank line meant to end it is the script's stdin (Q21).
     assert result.output == b"['mismatch', 'frank'] '\\n'\n"
     assert svc.last_request == b"VERSION\tscript\t4\t0\nnoreply\nmismatch\nfrank\n\n\n"
+    assert sent_as_described(svc) and svc.last_call.args == ("mismatch", "frank", "")
     result = svc.quota_over_status(["mismatch", "frank"], current="TRUE")
     assert result.output == b"['mismatch', 'frank', 'TRUE'] ''\n"
     # execproto's own client delivers an empty argument.
@@ -172,6 +197,20 @@ def test_welcome(dovecot_script):
     assert svc.last_request == b"VERSION\tscript\t4\t0\nnoreply\nfrank\n\n"
     assert svc.welcome(["frank"], wait=True).output == b"['welcome', 'frank'] ''\n"
     assert svc.last_request == b"VERSION\tscript\t4\t0\n-\nfrank\n\n"
+    assert svc.last_verdict.message == "the welcome plugin reports success"
+
+
+def test_args_mistakes(dovecot_script):
+    svc = dovecot_script(HERE / "show.py")
+    with pytest.raises(TypeError, match="only apply to an args template"):
+        svc.quota_warning(["%{user}"], user="frank")
+    with pytest.raises(execproto.ConfigError, match="unknown variable 'user'"):
+        svc.welcome("%{user}")
+    assert svc.last_request == b""  # nothing was sent
+
+
+def test_the_core_line_ends():
+    assert pytest_plugin.to_crlf is execproto.to_crlf
 
 
 def test_a_script_that_is_not_executable(dovecot_script):
