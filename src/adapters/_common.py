@@ -12,6 +12,7 @@ SIGCHLD handler, no child watcher thread, and every child is reaped with
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -62,6 +63,7 @@ __all__ = [
     "ServiceConfig",
     "ServiceOptions",
     "SocketFile",
+    "StopSignal",
     "TcpListener",
     "UnixListener",
     "bind_listener",
@@ -742,6 +744,43 @@ class Listeners:
         for sock, _ in self.sockets:
             sock.close()
         self.sockets.clear()
+
+
+class StopSignal:
+    """A stop request that a blocking accept loop can also poll for: an event plus a pipe.
+
+    :meth:`set` may be called from any thread or from a signal handler of
+    the serving thread (it is re-entrant); :attr:`fd` becomes readable.
+    """
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._read, self._write = os.pipe()
+        self._lock = threading.RLock()
+
+    @property
+    def fd(self) -> int:
+        """The descriptor to poll: readable once the stop was asked for."""
+        return self._read
+
+    def is_set(self) -> bool:
+        """Whether the stop was asked for."""
+        return self._event.is_set()
+
+    def set(self) -> None:
+        """Ask for the stop."""
+        self._event.set()
+        with self._lock, contextlib.suppress(OSError):
+            if self._write >= 0:
+                os.write(self._write, b"x")
+
+    def close(self) -> None:
+        """Close the pipe (idempotent)."""
+        with self._lock:
+            for fd in (self._read, self._write):
+                if fd >= 0:
+                    os.close(fd)
+            self._read = self._write = -1
 
 
 class ServiceOptions(TypedDict, total=False):

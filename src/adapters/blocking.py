@@ -9,8 +9,6 @@ most ``max_connections`` worker threads.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import select
 import socket
 import threading
@@ -32,6 +30,7 @@ from ._common import (
     RunResult,
     ServiceConfig,
     ServiceOptions,
+    StopSignal,
 )
 
 __all__ = ["Service", "run", "serve"]
@@ -124,9 +123,7 @@ class Service:
         self._listeners = Listeners(listeners, config)
         self._jobs = proc.Jobs()
         self._done = threading.Condition(self._jobs.lock)
-        self._stop = threading.Event()
-        self._wake_r, self._wake_w = os.pipe()
-        self._wake_lock = threading.RLock()
+        self._stop = StopSignal()
         self._slots = threading.BoundedSemaphore(config.max_connections)
         self._serving = False
 
@@ -142,15 +139,14 @@ class Service:
         self.stop()
         if not self._serving:  # serve_forever() never ran: clean up here
             self._listeners.close()
-            self._close_wakeup()
+            self._stop.close()
 
     def stop(self) -> None:
-        """Stop accepting; :meth:`serve_forever` then winds down and returns."""
+        """Stop accepting; :meth:`serve_forever` then winds down and returns.
+
+        Re-entrant: it may run in a signal handler of the serving thread.
+        """
         self._stop.set()
-        # Re-entrant: stop() may run in a signal handler of the serving thread.
-        with self._wake_lock, contextlib.suppress(OSError):
-            if self._wake_w >= 0:
-                os.write(self._wake_w, b"x")
 
     def serve_forever(self) -> None:
         """Accept and handle connections until :meth:`stop`; then clean up.
@@ -167,7 +163,7 @@ class Service:
                 # Take a slot before accepting: extra clients wait in the backlog.
                 if not self._slots.acquire(timeout=0.1):
                     continue
-                accept = proc.accept(self._listeners.sockets, self.config, self._wake_r)
+                accept = proc.accept(self._listeners.sockets, self.config, self._stop.fd)
                 client = _drive(accept)
                 if client is None:
                     self._slots.release()
@@ -178,14 +174,7 @@ class Service:
             _drive(proc.wind_down(self._jobs, self.config),
                    {**_ANSWERS, proc.WaitJobs: self._wait_jobs})
             pool.shutdown()
-            self._close_wakeup()
-
-    def _close_wakeup(self) -> None:
-        with self._wake_lock:
-            for fd in (self._wake_r, self._wake_w):
-                if fd >= 0:
-                    os.close(fd)
-            self._wake_r = self._wake_w = -1
+            self._stop.close()
 
     async def _wait_jobs(self, request: proc.WaitJobs) -> bool:
         with self._done:

@@ -41,7 +41,6 @@ import datetime
 import errno
 import json
 import logging
-import os
 import select
 import socket
 import struct
@@ -68,6 +67,7 @@ from ._common import (
     DEFAULT_GRACE,
     DEFAULT_MAX_CONNECTIONS,
     Listener,
+    StopSignal,
     bind_listener,
     describe_connect_error,
     listener_address,
@@ -567,9 +567,7 @@ class Tap:
         self._connections: set[_Connection] = set()
         self._lock = threading.Lock()
         self._done = threading.Condition(self._lock)
-        self._stop = threading.Event()
-        self._wake_r, self._wake_w = os.pipe()
-        self._wake_lock = threading.RLock()
+        self._stop = StopSignal()
         self._slots = threading.BoundedSemaphore(config.max_connections)
         self._serving = False
 
@@ -580,14 +578,11 @@ class Tap:
         self.stop()
         if not self._serving:
             self._close_listener()
-            self._close_wakeup()
+            self._stop.close()
 
     def stop(self) -> None:
         """Stop accepting; :meth:`serve_forever` then winds down and returns."""
         self._stop.set()
-        with self._wake_lock, contextlib.suppress(OSError):
-            if self._wake_w >= 0:
-                os.write(self._wake_w, b"x")
 
     def serve_forever(self) -> None:
         """Forward connections until :meth:`stop`; then clean up.
@@ -613,13 +608,13 @@ class Tap:
                     for conn in list(self._connections):
                         conn.cancel()
             pool.shutdown()
-            self._close_wakeup()
+            self._stop.close()
 
     def _accept(self) -> tuple[socket.socket, Peer] | None:
         assert self._sock is not None
         poller = select.poll()
         poller.register(self._sock.fileno(), select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
+        poller.register(self._stop.fd, select.POLLIN)
         while not self._stop.is_set():
             try:
                 client, address = self._sock.accept()
@@ -660,9 +655,3 @@ class Tap:
             self._sock.close()
             self._sock = None
 
-    def _close_wakeup(self) -> None:
-        with self._wake_lock:
-            for fd in (self._wake_r, self._wake_w):
-                if fd >= 0:
-                    os.close(fd)
-            self._wake_r = self._wake_w = -1
