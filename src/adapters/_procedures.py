@@ -208,14 +208,20 @@ def _left(deadline: float | None) -> float | None:
 # --- processes ----------------------------------------------------------------
 
 
+def _reap_orphan(pid: int) -> None:
+    """SIGKILL a child by pid and reap it: one nobody can wait for through a pidfd."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
 def open_pidfd(pid: int) -> int:
     """A pidfd for a child just started; if that fails the child is killed and reaped."""
     try:
         return os.pidfd_open(pid)
     except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+        _reap_orphan(pid)
         raise
 
 
@@ -944,14 +950,6 @@ def close_gently(sock: socket.socket, drain_for: float) -> Procedure[None]:
 
 def _spawn_on(argv: tuple[bytes, ...], environ: dict[bytes, bytes], fd: int) -> int:
     return spawn(argv, environ, stdin=fd, stdout=fd)
-
-
-def _reap_orphan(pid: int) -> None:
-    """A script started for a connection that was cancelled meanwhile."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, 0)
 
 
 def run_script(sock: socket.socket, svc: ServiceConnection, request: ScriptRequest,
