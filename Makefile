@@ -1,9 +1,9 @@
 # The project's checks; `make test` is what CI runs (see .ci/run).
 PYTHON ?= python3
 
-.PHONY: test lint typecheck unit demo bench
+.PHONY: test lint typecheck unit docs demo bench
 
-test: lint typecheck unit
+test: lint typecheck unit docs
 
 lint:
 	$(PYTHON) -m ruff check src tests benchmarks
@@ -27,6 +27,13 @@ unit:
 	$(PYTHON) -m coverage report
 	@echo "The pure core alone (must stay >= 95 %):"
 	$(PYTHON) -m coverage report --include='*/execproto/_*.py,*/execproto/__init__.py' --fail-under=95
+
+# The API reference and the task pages (docs/): every warning and every
+# unresolved reference fails.  Needs the docs extra and Debian's python3-doc
+# (Python's objects.inv); reads nothing from the network.
+docs:
+	rm -rf build/docs docs/_build
+	$(PYTHON) -m sphinx -b html -W --keep-going -n -q docs build/docs
 
 demo:
 	$(PYTHON) -m execproto demo
