@@ -12,6 +12,7 @@ import inspect
 import pkgutil
 import sys
 from pathlib import Path
+from typing import Any
 
 from docutils import nodes
 from docutils.statemachine import StringList
@@ -25,7 +26,7 @@ import trio_inventory  # noqa: E402  (lives next to this file)
 
 project = "execproto"
 author = "execproto contributors"
-copyright = "execproto contributors"  # noqa: A001  (Sphinx's name for it)
+copyright = "execproto contributors"
 
 extensions = [
     "myst_parser",
@@ -101,7 +102,7 @@ OWN_NAMESPACES = (
 )
 
 
-def _own_reference(app, env, node, contnode):  # type: ignore[no-untyped-def]
+def _own_reference(app: Any, env: Any, node: Any, contnode: Any) -> Any:
     if node.get("refdomain") != "py":
         return None
     target = node["reftarget"]
@@ -126,7 +127,7 @@ BACKPORTS = {
 }
 
 
-def _backport_reference(app, env, node, contnode):  # type: ignore[no-untyped-def]
+def _backport_reference(app: Any, env: Any, node: Any, contnode: Any) -> Any:
     found = BACKPORTS.get(node.get("reftarget", ""))
     if node.get("refdomain") != "py" or found is None:
         return None
@@ -137,7 +138,10 @@ def _backport_reference(app, env, node, contnode):  # type: ignore[no-untyped-de
     return reference
 
 
-def _factory_defaults(app, what, name, obj, options, signature, return_annotation):  # type: ignore[no-untyped-def]
+def _factory_defaults(
+    app: Any, what: str, name: str, obj: object, options: Any, signature: str | None,
+    return_annotation: str | None,
+) -> tuple[str, str | None] | None:
     # A dataclass field's default_factory shows as "<factory>", which is no
     # Python expression: the signature parser would then split the whole
     # signature at every comma (list[tuple[str, ...]] included).
@@ -157,11 +161,13 @@ class ReexportedData(SphinxDirective):
     required_arguments = 1
 
     def run(self) -> list[nodes.Node]:
+        """The ``py:data`` entries, parsed in place."""
         package = importlib.import_module(self.arguments[0])
         comments: dict[str, list[str]] = {}
         for info in pkgutil.iter_modules(package.__path__, package.__name__ + "."):
             if not info.ispkg and not info.name.endswith(".__main__"):
-                for (scope, attr), lines in ModuleAnalyzer.for_module(info.name).find_attr_docs().items():
+                analyzer = ModuleAnalyzer.for_module(info.name)
+                for (scope, attr), lines in analyzer.find_attr_docs().items():
                     if scope == "":
                         comments.setdefault(attr, lines)
         text: list[str] = []
@@ -178,7 +184,8 @@ class ReexportedData(SphinxDirective):
         return node.children
 
 
-def setup(app):  # type: ignore[no-untyped-def]
+def setup(app: Any) -> None:
+    """Sphinx's hook for this project's own extensions."""
     app.connect("missing-reference", _own_reference)
     app.connect("missing-reference", _backport_reference)
     app.connect("autodoc-process-signature", _factory_defaults)
