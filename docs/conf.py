@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import pkgutil
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -175,7 +176,8 @@ class ReexportedData(SphinxDirective):
             obj = getattr(package, name)
             if inspect.isclass(obj) or inspect.isfunction(obj) or inspect.ismodule(obj):
                 continue
-            value = repr(obj).replace(package.__name__ + ".", "")
+            # Classes by their name alone, not the private module they are in.
+            value = re.sub(r"\bexecproto(?:\.\w+)*\.(?=[A-Z])", "", repr(obj))
             text += [f".. py:data:: {name}", f"   :module: {package.__name__}",
                      f"   :value: {value}", ""]
             text += ["   " + line for line in comments.get(name, [])] + [""]
