@@ -490,7 +490,7 @@ class UnixListener:
         path: the socket path.  A stale socket file (nothing accepting on it)
             is replaced; a live one is an error.
         mode: permissions of the socket file.  It is never wider than this,
-            not even for an instant (see :func:`bind_listener`).
+            not even for an instant (see ``bind_listener()``).
     """
 
     path: str
@@ -521,7 +521,7 @@ class FdListener:
     fd: int
 
 
-#: Anything :func:`bind_listener` accepts.
+#: Anything ``bind_listener()`` accepts.
 Listener = UnixListener | TcpListener | FdListener
 
 

@@ -1,6 +1,6 @@
 """asyncio adapter: run scripts and serve them from asyncio code.
 
-The procedures are the shared ones of :mod:`._procedures`; this module only
+The procedures are the shared ones of ``_procedures.py``; this module only
 waits for what they ask: readiness callbacks on raw descriptors
 (``loop.add_reader``/``add_writer``) for sockets, pipes and the pidfds of
 children alike, the default executor for calls that block.  No transports,

@@ -1,6 +1,6 @@
 """Blocking adapter: run scripts and serve them from synchronous code.
 
-The procedures are the shared ones of :mod:`._procedures`; this module only
+The procedures are the shared ones of ``_procedures.py``; this module only
 answers what they ask, waiting with ``poll()``.  ``run()`` drives one run in
 the calling thread.  :class:`Service` accepts in the thread that calls
 :meth:`Service.serve_forever` and handles each connection in a pool of at
@@ -129,7 +129,7 @@ class Service:
 
     @property
     def addresses(self) -> list[str | tuple[str, int]]:
-        """The bound addresses: unix paths and ``(host, port)`` pairs."""
+        """The bound addresses, unix paths and ``(host, port)`` pairs."""
         return self._listeners.addresses
 
     def __enter__(self) -> Service:

@@ -161,7 +161,7 @@ class ScriptService:
 
     @property
     def log(self) -> list[str]:
-        """The service's log lines so far: one per request, with the exit status."""
+        """The service's log lines so far, one per request, with the exit status."""
         with self._records.changed:
             return list(self._records.lines)
 

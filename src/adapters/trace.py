@@ -16,7 +16,7 @@ been forwarded); a client whose service cannot be reached sees a close.
 
 Theory of operation
 -------------------
-The copying is a procedure in the style of :mod:`._procedures` (a generator
+The copying is a procedure in the style of ``_procedures.py`` (a generator
 that yields :class:`~._procedures.Wait` when neither direction can move),
 run here by the blocking flavour: one worker thread per connection, at most
 ``max_connections`` of them, further clients waiting in the listen backlog.

@@ -1,6 +1,6 @@
 """Trio adapter: run scripts and serve them from trio code.
 
-The procedures are the shared ones of :mod:`._procedures`; this module only
+The procedures are the shared ones of ``_procedures.py``; this module only
 waits for what they ask: ``trio.lowlevel.wait_readable``/``wait_writable``
 on one descriptor (sockets, pipes, pidfds alike), or on an epoll descriptor
 holding several, and worker threads for calls that block.

@@ -40,7 +40,7 @@ class RemoteProtocolError(ProtocolError):
 
     The connection is unusable afterwards: close it.  Dovecot closes the
     connection without a reply in every such case; the service adapters do
-    the same and log :attr:`message`.
+    the same and log its ``message``.
     """
 
 

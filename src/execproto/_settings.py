@@ -49,7 +49,7 @@ class UnixTarget:
 
     @property
     def label(self) -> str:
-        """Dovecot's label for logs: ``unix:PATH``."""
+        """Dovecot's label for logs, ``unix:PATH``."""
         return f"unix:{self.path}"
 
 
@@ -67,7 +67,7 @@ class TcpTarget:
 
     @property
     def label(self) -> str:
-        """Dovecot's label for logs: ``tcp:HOST:PORT`` (``[v6]`` in brackets)."""
+        """Dovecot's label for logs, ``tcp:HOST:PORT`` (``[v6]`` in brackets)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"tcp:{host}:{self.port}"
 
@@ -85,7 +85,7 @@ class ForkTarget:
 
     @property
     def label(self) -> str:
-        """Dovecot 2.4's label for logs: ``fork:PATH`` (2.3 said ``exec:``)."""
+        """Dovecot 2.4's label for logs, ``fork:PATH`` (2.3 said ``exec:``)."""
         return f"fork:{self.path}"
 
 

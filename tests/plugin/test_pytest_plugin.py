@@ -262,6 +262,18 @@ def test_the_readme_example(pytester: pytest.Pytester) -> None:
     result.assert_outcomes(passed=len(re.findall(r"^def test_", test_file, re.MULTILINE)))
 
 
+def test_the_quota_warning_page_example(pytester: pytest.Pytester) -> None:
+    # docs/tasks/quota-warning.md: its script and test file, as a reader copies them.
+    page = README.parent / "docs" / "tasks" / "quota-warning.md"
+    blocks = re.findall(r"```(\w+)\n(.*?)```", page.read_text(), re.DOTALL)
+    (script,) = [block for lang, block in blocks if lang == "sh" and block.startswith("#!")]
+    (test_file,) = [block for lang, block in blocks if lang == "python"]
+    write_scripts(pytester, {"quota-warning.sh": script})
+    pytester.makepyfile(test_quota_warning=test_file)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
+
+
 def test_loading_the_plugin_imports_no_adapter(pytester: pytest.Pytester) -> None:
     # Installed, the plugin loads in every pytest run: it must stay light.
     pytester.makepyfile(test_light=textwrap.dedent("""
