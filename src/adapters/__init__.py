@@ -15,8 +15,10 @@ from ._common import (
     KILL_TIMEOUT,
     FdListener,
     Listener,
+    RunOptions,
     RunResult,
     ServiceConfig,
+    ServiceOptions,
     TcpListener,
     UnixListener,
 )
@@ -29,8 +31,10 @@ __all__ = [
     "KILL_TIMEOUT",
     "FdListener",
     "Listener",
+    "RunOptions",
     "RunResult",
     "ServiceConfig",
+    "ServiceOptions",
     "TcpListener",
     "UnixListener",
 ]
