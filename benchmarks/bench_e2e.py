@@ -80,6 +80,7 @@ if str(REPO) not in sys.path:
 
 from benchmarks._load import MiB, b64  # noqa: E402
 from tests.interop.dovecot import (  # noqa: E402
+    DovecotConfig,
     PrivateDovecot,
     ScriptService,
     _free_port,
@@ -313,9 +314,10 @@ class TunedService(ScriptService):
 
     settings: tuple[str, ...] = ()
 
-    def config(self, script_binary: Path, port: int | None) -> str:
+    def config(self, script_binary: Path, port: int | None,
+               syntax: DovecotConfig | None = None) -> str:
         """The harness's block with :attr:`settings` added before the closing brace."""
-        head, _, _ = super().config(script_binary, port).rpartition("}")
+        head, _, _ = super().config(script_binary, port, syntax).rpartition("}")
         return head + "".join(f"  {line}\n" for line in self.settings) + "}\n"
 
 

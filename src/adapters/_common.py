@@ -12,16 +12,18 @@ SIGCHLD handler, no child watcher thread, and every child is reaped with
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import signal
 import socket
 import stat
+import subprocess
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypedDict
+from typing import Any, BinaryIO, TypedDict
 
 from execproto import (
     DEFAULT_LIBEXEC_DIR,
@@ -49,14 +51,19 @@ __all__ = [
     "DEFAULT_MAX_CONNECTIONS",
     "KILL_TIMEOUT",
     "UNIX_RETRY_INTERVAL",
+    "Address",
+    "AsyncInput",
     "FdListener",
+    "Input",
     "Listener",
     "Listeners",
+    "OutputCallback",
     "RunOptions",
     "RunResult",
     "ServiceConfig",
     "ServiceOptions",
     "SocketFile",
+    "StopSignal",
     "TcpListener",
     "UnixListener",
     "bind_listener",
@@ -68,6 +75,7 @@ __all__ = [
     "exit_result",
     "fork_result",
     "input_chunks",
+    "listen_backlog",
     "listener_address",
     "log_bad_header",
     "log_request",
@@ -94,6 +102,16 @@ DEFAULT_GRACE = 10.0
 DEFAULT_SEARCH_PATH = ("/bin", "/usr/bin")
 
 log = logging.getLogger("execproto")
+
+#: A payload for ``run()``: bytes, a binary file or an iterable of bytes.
+Input = bytes | bytearray | memoryview | BinaryIO | Iterable[bytes] | None
+#: The asyncio and trio flavours also take an async iterable of bytes.
+AsyncInput = Input | AsyncIterable[bytes]
+#: Called with each output chunk (by the async flavours: awaited if it
+#: returns an awaitable).
+OutputCallback = Callable[[bytes], object]
+#: Where a service listens: a unix socket path or ``(host, port)``.
+Address = str | tuple[str, int]
 
 
 @dataclass(frozen=True)
@@ -274,6 +292,8 @@ def spawn(
     sources = (stdin, stdout, stderr)
     if any(src in (0, 1, 2) and src != dst for dst, src in enumerate(sources)):
         raise LocalProtocolError("spawn: a source descriptor must not be another of 0, 1, 2")
+    if _keeps_root():
+        return _spawn_without_root(argv, env, sources, executable or argv[0])
     actions: list[tuple[int, int, int]] = []
     for dst, src in enumerate(sources):
         if src != dst:
@@ -289,6 +309,31 @@ def spawn(
         setsigmask=(),
         setsigdef=_ALL_SIGNALS,
     )
+
+
+def _keeps_root() -> bool:
+    """Whether this process runs unprivileged but keeps root as its real or saved id.
+
+    ``doveadm -u USER`` is in that state.  A program exec'ed from it could
+    take root back (dash sets its effective uid to the real one), so it is
+    started with the effective ids only, as Dovecot 2.4.4+ does
+    ("drop any real root privileges before program execvp()").
+    """
+    uid, gid = os.geteuid(), os.getegid()
+    return (uid != 0 and 0 in os.getresuid()) or (gid != 0 and 0 in os.getresgid())
+
+
+def _spawn_without_root(argv: tuple[bytes, ...], env: Mapping[bytes, bytes],
+                        fds: tuple[int, int, int], executable: bytes) -> int:
+    # posix_spawn cannot change ids in the child; subprocess's fork+exec can
+    # (setregid/setreuid to the effective ids, which an unprivileged
+    # process may do).  It resets the signals Python ignores; the mask of
+    # a Python thread is empty.
+    child = subprocess.Popen(list(argv), executable=executable, env=dict(env),
+                             stdin=fds[0], stdout=fds[1], stderr=fds[2],
+                             user=os.geteuid(), group=os.getegid(), restore_signals=True)
+    child.returncode = 0  # reaped by the caller through a pidfd, not by subprocess
+    return child.pid
 
 
 def exit_result(returncode: int | None, *, killed: bool = False) -> Status:
@@ -445,7 +490,7 @@ class UnixListener:
         path: the socket path.  A stale socket file (nothing accepting on it)
             is replaced; a live one is an error.
         mode: permissions of the socket file.  It is never wider than this,
-            not even for an instant (see :func:`bind_listener`).
+            not even for an instant (see ``bind_listener()``).
     """
 
     path: str
@@ -476,7 +521,7 @@ class FdListener:
     fd: int
 
 
-#: Anything :func:`bind_listener` accepts.
+#: Anything ``bind_listener()`` accepts.
 Listener = UnixListener | TcpListener | FdListener
 
 
@@ -634,6 +679,21 @@ def bind_listener(spec: Listener, backlog: int = 128) -> tuple[socket.socket, So
     return sock, created
 
 
+def listen_backlog(max_connections: int) -> int:
+    """The listen backlog for a service: room for a burst as large as *max_connections*.
+
+    At least 128 (the old fixed value), at most the kernel's
+    ``net.core.somaxconn``, which caps it anyway: a burst that fits then
+    waits in the backlog instead of meeting EAGAIN (unix) or SYN retries.
+    """
+    try:
+        with open("/proc/sys/net/core/somaxconn") as f:
+            ceiling = int(f.read())
+    except (OSError, ValueError):
+        ceiling = 4096
+    return max(128, min(max_connections, ceiling))
+
+
 class Listeners:
     """A service's listening sockets: bound at once, then root is given up.
 
@@ -654,9 +714,10 @@ class Listeners:
         #: ``(socket, address)`` pairs, non-blocking.
         self.sockets: list[tuple[socket.socket, str | tuple[str, int]]] = []
         self._files: list[SocketFile] = []
+        backlog = listen_backlog(config.max_connections)
         try:
             for spec in specs:
-                sock, socket_file = bind_listener(spec)
+                sock, socket_file = bind_listener(spec, backlog)
                 self.sockets.append((sock, listener_address(sock, spec)))
                 if socket_file is not None:
                     self._files.append(socket_file)
@@ -683,6 +744,43 @@ class Listeners:
         for sock, _ in self.sockets:
             sock.close()
         self.sockets.clear()
+
+
+class StopSignal:
+    """A stop request that a blocking accept loop can also poll for: an event plus a pipe.
+
+    :meth:`set` may be called from any thread or from a signal handler of
+    the serving thread (it is re-entrant); :attr:`fd` becomes readable.
+    """
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._read, self._write = os.pipe()
+        self._lock = threading.RLock()
+
+    @property
+    def fd(self) -> int:
+        """The descriptor to poll: readable once the stop was asked for."""
+        return self._read
+
+    def is_set(self) -> bool:
+        """Whether the stop was asked for."""
+        return self._event.is_set()
+
+    def set(self) -> None:
+        """Ask for the stop."""
+        self._event.set()
+        with self._lock, contextlib.suppress(OSError):
+            if self._write >= 0:
+                os.write(self._write, b"x")
+
+    def close(self) -> None:
+        """Close the pipe (idempotent)."""
+        with self._lock:
+            for fd in (self._read, self._write):
+                if fd >= 0:
+                    os.close(fd)
+            self._read = self._write = -1
 
 
 class ServiceOptions(TypedDict, total=False):

@@ -39,12 +39,21 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import inspect
 import os
 import signal
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterable,
+    Mapping,
+)
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -83,6 +92,7 @@ from ._common import (
     describe_returncode,
     env_bytes,
     fork_result,
+    input_chunks,
     log_bad_header,
     log_request,
     peer_label,
@@ -93,18 +103,22 @@ from ._common import (
 
 __all__ = [
     "TURN",
+    "Abandoned",
     "Deliver",
+    "Driver",
     "Expired",
     "Job",
     "Jobs",
     "NextInput",
     "Offload",
     "Procedure",
+    "RunStream",
     "Turn",
     "Wait",
     "WaitJobs",
     "accept",
     "drive",
+    "run_answers",
     "serve_connection",
     "start_run",
     "wind_down",
@@ -194,14 +208,20 @@ def _left(deadline: float | None) -> float | None:
 # --- processes ----------------------------------------------------------------
 
 
+def _reap_orphan(pid: int) -> None:
+    """SIGKILL a child by pid and reap it: one nobody can wait for through a pidfd."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
 def open_pidfd(pid: int) -> int:
     """A pidfd for a child just started; if that fails the child is killed and reaped."""
     try:
         return os.pidfd_open(pid)
     except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+        _reap_orphan(pid)
         raise
 
 
@@ -325,17 +345,18 @@ def connect(target: UnixTarget | TcpTarget, timeout: float | None) -> Procedure[
 
 
 class _Output:
-    """Where output goes: collected here, or delivered to the caller chunk by chunk."""
+    """Where output goes: collected here, delivered to the caller chunk by chunk, or dropped."""
 
-    __slots__ = ("chunks",)
+    __slots__ = ("chunks", "deliver")
 
-    def __init__(self, collect: bool) -> None:
+    def __init__(self, collect: bool, deliver: bool = True) -> None:
         self.chunks: list[bytes] | None = [] if collect else None
+        self.deliver = deliver
 
     def put(self, data: bytes, deadline: float | None) -> Procedure[None]:
         if self.chunks is not None:
             self.chunks.append(data)
-        else:
+        elif self.deliver:
             yield Deliver(data, _left(deadline))
 
     def data(self) -> bytes | None:
@@ -458,7 +479,10 @@ def _pump_pipes(in_w: int | None, out_r: int | None, deadline: float | None,
             waiting_write = waiting_read = False
             while in_w is not None:
                 if not pending:
-                    chunk = yield NextInput(_left(deadline))
+                    left = _left(deadline)
+                    if left is not None and left <= 0:
+                        return False  # the child reads as fast as the input comes
+                    chunk = yield NextInput(left)
                     if chunk is None:
                         fds.remove(in_w)
                         os.close(in_w)
@@ -560,21 +584,27 @@ def _run_fork(target: ForkTarget, argv: tuple[bytes, ...], environ: dict[bytes, 
 
 
 def start_run(target: Target | str, args: Iterable[BytesLike], options: RunOptions, *,
-              collect: bool, has_input: bool) -> Procedure[RunResult]:
-    """Check a run's arguments now and return the procedure that performs it.
+              has_input: bool, output: Callable[[bytes], object] | None = None,
+              stream: bool = False) -> Procedure[RunResult]:
+    r"""Check a run's arguments now and return the procedure that performs it.
 
-    Output is collected if *collect*, else yielded as Deliver requests.
+    The output is collected into the result, unless there is an *output*
+    callback (then it is read even with ``read_output=False``) or the run
+    is *stream*\ ed by ``open_run()``: both take it as Deliver requests.
     *has_input*: a payload will be asked for with NextInput (the fork
     driver then gives the child a pipe rather than ``/dev/null``).
 
     Raises:
         LocalProtocolError: invalid arguments (a NUL byte, a bad URI...).
     """
+    collect = output is None and not stream
+    if output is not None:
+        options = {**options, "read_output": True}
     resolved = coerce_target(target, options.get("base_dir"))
     env = env_bytes(options.get("env"))
     read_output = options.get("read_output", True)
     timeout = options.get("timeout")
-    out = _Output(collect and read_output)
+    out = _Output(collect and read_output, deliver=read_output)
     if isinstance(resolved, ForkTarget):
         argv = fork_argv(resolved.path, args)
         return _run_fork(resolved, argv, env, has_input, read_output, timeout, out)
@@ -585,27 +615,184 @@ def start_run(target: Target | str, args: Iterable[BytesLike], options: RunOptio
                        options.get("connect_timeout", DEFAULT_CONNECT_TIMEOUT), timeout, out)
 
 
-async def drive(procedure: Procedure[T], answer: Mapping[type, Callable[[Any], Awaitable[Any]]],
-                ) -> T:
-    """Run *procedure* to its end, answering each request with ``answer[type(request)]``.
+Answers = Mapping[type, Callable[[Any], Awaitable[Any]]]
 
-    The one driver loop of every flavour: asyncio and trio await it; the
-    blocking flavour's answers never suspend, so it completes in a single
-    ``send()``.  Whatever an answer raises (a cancellation, an error of the
-    caller's input or output) is thrown into the procedure, which cleans
-    up and lets it propagate.
+
+class Driver:
+    """Answers a procedure's requests from a table, until it ends or asks something else.
+
+    The one driver loop of every flavour.  Whatever an answer raises (a
+    cancellation, an error of the caller's input or output) is thrown into
+    the procedure, which cleans up and lets it propagate.
     """
-    reply: Any = None
-    error: BaseException | None = None
-    while True:
+
+    __slots__ = ("_answers", "_procedure", "result")
+
+    def __init__(self, procedure: Procedure[Any], answers: Answers) -> None:
+        self._procedure = procedure
+        self._answers = answers
+        #: What the procedure returned, once it has ended.
+        self.result: Any = None
+
+    async def advance(self, reply: Any = None) -> Request_ | None:
+        """Run on: the first request the table cannot answer, or None at the end.
+
+        *reply* is sent in first (the answer to the request last returned).
+        """
+        error: BaseException | None = None
+        procedure, answers = self._procedure, self._answers
+        while True:
+            try:
+                request = procedure.throw(error) if error is not None else procedure.send(reply)
+            except StopIteration as stop:
+                self.result = stop.value
+                return None
+            answer = answers.get(type(request))
+            if answer is None:
+                return request
+            try:
+                reply, error = await answer(request), None
+            except BaseException as exc:  # thrown into the procedure
+                reply, error = None, exc
+
+    def abandon(self) -> None:
+        """End a procedure nobody will drive on: it cleans up (kills, closes) at once."""
+        with contextlib.suppress(Abandoned, StopIteration):
+            self._procedure.throw(Abandoned())
+
+
+async def _next_chunk(chunks: AsyncIterator[bytes]) -> bytes | None:
+    async for chunk in chunks:
+        if chunk:
+            return bytes(chunk)
+    return None
+
+
+Within = Callable[[Awaitable[Any], "float | None"], Awaitable[Any]]
+
+
+def run_answers(answers: Answers, input: object, output: Callable[[bytes], object] | None,
+                within: Within, read: Callable[..., Awaitable[bytes]] | None = None) -> Answers:
+    """A flavour's *answers* plus those of one run: its input and its output.
+
+    *input* is what ``run()`` accepts (bytes, a file, an iterable or an
+    async iterable of bytes); an async iterable's next chunk and an
+    awaitable that *output* returns are awaited through *within*, which
+    raises :class:`Expired` when the request's timeout passes.  *read*
+    reads a file off the loop (``read(file.read, size)``), else the file is
+    read where the driver runs.  Without *output* there is no Deliver
+    answer: ``open_run()`` takes the output itself.
+    """
+    next_input: Callable[[NextInput], Awaitable[bytes | None]]
+    if isinstance(input, AsyncIterable):
+        chunks = input.__aiter__()
+
+        async def next_input(request: NextInput) -> bytes | None:
+            return await within(_next_chunk(chunks), request.timeout)  # type: ignore[no-any-return]
+
+    elif read is not None and (read_file := getattr(input, "read", None)) is not None:
+
+        async def next_input(request: NextInput) -> bytes | None:
+            return await within(read(read_file, CHUNK), request.timeout) or None
+
+    else:
+        sync_chunks = input_chunks(input)
+
+        async def next_input(request: NextInput) -> bytes | None:
+            return next(sync_chunks, None)
+
+    async def deliver(request: Deliver) -> None:
+        assert output is not None
+        returned = output(request.data)
+        if inspect.isawaitable(returned):
+            await within(returned, request.timeout)
+
+    mine: dict[type, Callable[[Any], Awaitable[Any]]] = {**answers, NextInput: next_input}
+    if output is not None:
+        mine[Deliver] = deliver
+    return mine
+
+
+class Abandoned(Exception):
+    """Thrown into a procedure whose caller went away (an ``open_run`` block left early)."""
+
+
+async def drive(procedure: Procedure[T], answers: Answers) -> T:
+    """Run *procedure* to its end, answering each request with ``answers[type(request)]``.
+
+    asyncio and trio await it; the blocking flavour's answers never
+    suspend, so it completes in a single ``send()``.
+    """
+    driver = Driver(procedure, answers)
+    left = await driver.advance()
+    assert left is None, f"no answer for {left!r}"
+    return driver.result  # type: ignore[no-any-return]
+
+
+class RunStream:
+    """A run's output, chunk by chunk: what ``async with open_run(...)`` gives.
+
+    Iterate it with ``async for``; each item is one chunk of output as it
+    arrives.  The run advances only while the consumer asks for the next
+    chunk, so memory stays bounded whatever the output's size (the run
+    timeout includes the time the consumer takes).  Entering the block
+    starts the run.  When the iteration ends, :attr:`result` holds the
+    :class:`RunResult` (its ``output`` is None: the chunks were the
+    output); an exception the run raised (from the input, say) is raised by
+    the iteration.  Leaving the block before the end stops the run at once:
+    the connection is closed, a fork driver's child is killed and reaped,
+    and :attr:`result` stays None.
+    """
+
+    def __init__(self, procedure: Procedure[RunResult], answers: Answers) -> None:
+        #: The run's outcome, once the iteration has ended (else None).
+        self.result: RunResult | None = None
+        self._driver = Driver(procedure, answers)
+        self._next: bytes | Exception | None = None
+        self._state = "new"  # then "open", "over"
+
+    async def __aenter__(self) -> RunStream:
+        if self._state != "new":
+            raise RuntimeError("a RunStream is entered once, as open_run() returns it")
+        self._state = "open"
         try:
-            request = procedure.throw(error) if error is not None else procedure.send(reply)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
+            self._next = await self._step()
+        except Exception as exc:  # raised by the iteration, as documented
+            self._next = exc
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._state == "open":
+            self._state = "over"
+            self._driver.abandon()
+
+    def __aiter__(self) -> RunStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._state == "new":
+            raise RuntimeError("iterate a RunStream inside its async with block")
+        pending, self._next = self._next, None
+        if isinstance(pending, Exception):
+            raise pending
+        if pending is None and self._state == "open":
+            pending = await self._step()
+        if pending is None:
+            raise StopAsyncIteration
+        return pending
+
+    async def _step(self) -> bytes | None:
         try:
-            reply, error = await answer[type(request)](request), None
-        except BaseException as exc:  # thrown into the procedure
-            reply, error = None, exc
+            request = await self._driver.advance()
+        except BaseException:
+            self._state = "over"
+            raise
+        if request is None:
+            self._state = "over"
+            self.result = self._driver.result
+            return None
+        assert type(request) is Deliver
+        return request.data
 
 
 # --- service ------------------------------------------------------------------
@@ -765,14 +952,6 @@ def _spawn_on(argv: tuple[bytes, ...], environ: dict[bytes, bytes], fd: int) -> 
     return spawn(argv, environ, stdin=fd, stdout=fd)
 
 
-def _reap_orphan(pid: int) -> None:
-    """A script started for a connection that was cancelled meanwhile."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, 0)
-
-
 def run_script(sock: socket.socket, svc: ServiceConnection, request: ScriptRequest,
                config: ServiceConfig, job: Job, jobs: Jobs) -> Procedure[str]:
     """Run the script on the connection, reply, close; say how it went, for the log."""
@@ -788,27 +967,33 @@ def run_script(sock: socket.socket, svc: ServiceConnection, request: ScriptReque
             else:
                 pid = _spawn_on(request.argv, request.environ, fd)
         except OSError as exc:
-            config.logger.error("execvp(%r) failed: %s", request.argv[0], exc.strerror)
+            config.logger.error("execvp(%s) failed: %s", os.fsdecode(request.argv[0]),
+                                exc.strerror)
             returncode: int | None = None
             how = "not started"
         else:
-            pidfd = open_pidfd(pid)
-            job.pidfd = pidfd
             try:
-                how = ""
-                returncode = yield from wait_child(pid, pidfd, request.alarm or None)
-                if returncode is None:
-                    # alarm=N expired: end the script before replying (quirk Q9).
-                    how = f"alarm {request.alarm} s expired, "
-                    returncode = yield from terminate(pid, pidfd, config.kill_timeout)
-            except BaseException:
-                kill_and_reap(pid, pidfd)
-                raise
-            finally:
-                with jobs.lock:
-                    job.pidfd = None
-                    os.close(pidfd)
-            how += describe_returncode(returncode)
+                pidfd = open_pidfd(pid)  # on failure the child is killed and reaped
+            except OSError as exc:
+                config.logger.error("pidfd_open() failed: %s", exc.strerror)
+                returncode, how = None, "killed: cannot be waited for"
+            else:
+                job.pidfd = pidfd
+                try:
+                    how = ""
+                    returncode = yield from wait_child(pid, pidfd, request.alarm or None)
+                    if returncode is None:
+                        # alarm=N expired: end the script before replying (quirk Q9).
+                        how = f"alarm {request.alarm} s expired, "
+                        returncode = yield from terminate(pid, pidfd, config.kill_timeout)
+                except BaseException:
+                    kill_and_reap(pid, pidfd)
+                    raise
+                finally:
+                    with jobs.lock:
+                        job.pidfd = None
+                        os.close(pidfd)
+                how += describe_returncode(returncode)
     finally:
         sock.setblocking(False)  # the script is gone: the socket is ours again
     # The reply has the header's time limit: a client that never reads it
@@ -867,6 +1052,8 @@ def wind_down(jobs: Jobs, config: ServiceConfig) -> Procedure[None]:
         if interrupted is None and len(jobs):
             try:
                 yield WaitJobs(timeout)
+            except GeneratorExit:  # closed by its driver: not a cancellation
+                raise
             except BaseException as exc:
                 interrupted = exc
 
@@ -880,6 +1067,8 @@ def wind_down(jobs: Jobs, config: ServiceConfig) -> Procedure[None]:
     while len(jobs):
         try:
             yield WaitJobs(None)
+        except GeneratorExit:
+            raise
         except BaseException as exc:
             interrupted = interrupted or exc
     if interrupted is not None:

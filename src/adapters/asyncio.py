@@ -1,6 +1,6 @@
 """asyncio adapter: run scripts and serve them from asyncio code.
 
-The procedures are the shared ones of :mod:`._procedures`; this module only
+The procedures are the shared ones of ``_procedures.py``; this module only
 waits for what they ask: readiness callbacks on raw descriptors
 (``loop.add_reader``/``add_writer``) for sockets, pipes and the pidfds of
 children alike, the default executor for calls that block.  No transports,
@@ -18,60 +18,36 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures.thread  # noqa: F401 (see below)
-import inspect
 from collections.abc import (
-    AsyncIterable,
-    AsyncIterator,
     Awaitable,
     Callable,
-    Coroutine,
     Iterable,
-    Iterator,
     Sequence,
 )
-from dataclasses import dataclass
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, TypeVar
 
 from typing_extensions import Unpack
 
 from execproto import BytesLike, Target
 
+from . import _procedures as proc
 from ._common import (
+    Address,
     Listener,
     Listeners,
+    OutputCallback,
     RunOptions,
     RunResult,
     ServiceConfig,
     ServiceOptions,
-    input_chunks,
 )
-from ._procedures import (
-    Deliver,
-    Expired,
-    Job,
-    Jobs,
-    NextInput,
-    Offload,
-    Turn,
-    Wait,
-    WaitJobs,
-    accept,
-    drive,
-    serve_connection,
-    start_run,
-    wind_down,
+from ._common import (
+    AsyncInput as Input,
 )
+from ._procedures import RunStream
 
 __all__ = ["RunStream", "open_run", "run", "serve"]
 
-#: The payload: bytes, a binary file, an iterable or an async iterable of bytes.
-Input = (
-    bytes | bytearray | memoryview | BinaryIO | Iterable[bytes] | AsyncIterable[bytes] | None
-)
-#: Receives each output chunk; it may return an awaitable, which is awaited.
-OutputCallback = Callable[[bytes], object]
-#: A bound address: a unix socket path or ``(host, port)``.
-Address = str | tuple[str, int]
 T = TypeVar("T")
 # The default executor's module is imported lazily, by the first spawn off
 # the loop; after serve(user=...) dropped privileges that import can fail
@@ -83,7 +59,7 @@ def _wake(waiter: asyncio.Future[bool], value: bool) -> None:
         waiter.set_result(value)
 
 
-async def _wait(loop: asyncio.AbstractEventLoop, request: Wait) -> bool:
+async def _wait(loop: asyncio.AbstractEventLoop, request: proc.Wait) -> bool:
     waiter: asyncio.Future[bool] = loop.create_future()
     for fd in request.read:
         loop.add_reader(fd, _wake, waiter, True)
@@ -108,7 +84,7 @@ async def _within(awaitable: Awaitable[T], timeout: float | None) -> T:
     try:
         return await asyncio.wait_for(awaitable, max(timeout, 0.0))
     except asyncio.TimeoutError:
-        raise Expired from None
+        raise proc.Expired from None
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
@@ -116,7 +92,7 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
         future.exception()  # no "exception was never retrieved" for an abandoned call
 
 
-async def _offload(loop: asyncio.AbstractEventLoop, request: Offload) -> Any:
+async def _offload(loop: asyncio.AbstractEventLoop, request: proc.Offload) -> Any:
     future = loop.run_in_executor(None, request.fn, *request.args)
     future.add_done_callback(_retrieve)
     if request.abandon:
@@ -131,51 +107,25 @@ async def _offload(loop: asyncio.AbstractEventLoop, request: Offload) -> Any:
         raise
 
 
-async def _next_chunk(chunks: AsyncIterator[bytes]) -> bytes | None:
-    async for chunk in chunks:
-        if chunk:
-            return bytes(chunk)
-    return None
-
-
-async def _turn(request: Turn) -> None:
+async def _turn(request: proc.Turn) -> None:
     await asyncio.sleep(0)
 
 
-async def _offload_request(request: Offload) -> Any:
+async def _offload_request(request: proc.Offload) -> Any:
     return await _offload(asyncio.get_running_loop(), request)
 
 
-async def _wait_request(request: Wait) -> bool:
+async def _wait_request(request: proc.Wait) -> bool:
     return await _wait(asyncio.get_running_loop(), request)
 
 
-_ANSWERS: dict[type, Callable[[Any], Awaitable[Any]]] = {
-    Wait: _wait_request, Offload: _offload_request, Turn: _turn}
+_ANSWERS: proc.Answers = {
+    proc.Wait: _wait_request, proc.Offload: _offload_request, proc.Turn: _turn}
 
 
-def _prepare(target: Target | str, args: Iterable[BytesLike], input: Input,
-             output: OutputCallback | None,
-             options: RunOptions) -> Callable[[], Coroutine[Any, Any, RunResult]]:
-    """Check the arguments now; return what performs the run when called."""
-    procedure = start_run(target, args, options, collect=output is None,
-                          has_input=input is not None)
-
-    async def next_input(request: NextInput) -> bytes | None:
-        if isinstance(chunks, Iterator):
-            return next(chunks, None)
-        return await _within(_next_chunk(chunks), request.timeout)
-
-    async def deliver(request: Deliver) -> None:
-        assert output is not None
-        returned = output(request.data)
-        if inspect.isawaitable(returned):
-            await _within(returned, request.timeout)
-
-    chunks = input.__aiter__() if isinstance(input, AsyncIterable) else input_chunks(input)
-    answers: dict[type, Callable[[Any], Awaitable[Any]]] = {
-        **_ANSWERS, NextInput: next_input, Deliver: deliver}
-    return lambda: drive(procedure, answers)
+def _answers(input: Input, output: OutputCallback | None) -> proc.Answers:
+    # A file or an iterable is read in the loop: it must not block.
+    return proc.run_answers(_ANSWERS, input, output, _within)
 
 
 async def run(target: Target | str, args: Iterable[BytesLike] = (), *, input: Input = None,
@@ -191,103 +141,25 @@ async def run(target: Target | str, args: Iterable[BytesLike] = (), *, input: In
     Raises:
         LocalProtocolError: invalid arguments (a NUL byte, a bad URI...).
     """
-    if output is not None:
-        options["read_output"] = True
-    return await _prepare(target, args, input, output, options)()
-
-
-@dataclass(frozen=True)
-class _Raised:
-    error: Exception
-
-
-class RunStream:
-    """A run's output, chunk by chunk: what ``async with open_run(...)`` yields.
-
-    Iterate it with ``async for``; each item is one chunk of output, as it
-    arrives (at most one chunk waits here: the run pauses until it is taken).
-    When the iteration ends, :attr:`result` holds the :class:`RunResult`
-    (its ``output`` is None: the chunks were the output).  An exception the
-    run raised (from the input, say) is raised by the iteration.
-
-    Leaving the ``async with`` block before the end cancels the run: the
-    connection is closed, a fork driver's child is killed and reaped, and
-    :attr:`result` stays None.
-    """
-
-    def __init__(self) -> None:
-        #: The run's outcome, once the iteration has ended (else None).
-        self.result: RunResult | None = None
-        self._start: Callable[[], Coroutine[Any, Any, RunResult]] | None = None
-        self._queue: asyncio.Queue[bytes | RunResult | _Raised] = asyncio.Queue(maxsize=1)
-        self._task: asyncio.Task[None] | None = None
-        self._finished = False
-
-    async def __aenter__(self) -> RunStream:
-        if self._task is not None or self._start is None:
-            raise RuntimeError("a RunStream is entered once, as open_run() returns it")
-        self._task = asyncio.ensure_future(self._drive(self._start))
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self._finished = True
-        task = self._task
-        if task is not None:
-            task.cancel()
-            while not task.done():  # a cancellation of ours must not leave it running
-                try:
-                    await asyncio.wait([task])
-                except asyncio.CancelledError:
-                    task.cancel()
-            _retrieve(task)
-
-    def __aiter__(self) -> RunStream:
-        return self
-
-    async def __anext__(self) -> bytes:
-        if self._task is None:
-            raise RuntimeError("iterate a RunStream inside its async with block")
-        if self._finished:
-            raise StopAsyncIteration
-        item = await self._queue.get()
-        if isinstance(item, bytes):
-            return item
-        self._finished = True
-        if isinstance(item, RunResult):
-            self.result = item
-            raise StopAsyncIteration
-        raise item.error
-
-    async def _put(self, data: bytes) -> None:
-        await self._queue.put(data)
-
-    async def _drive(self, start: Callable[[], Coroutine[Any, Any, RunResult]]) -> None:
-        try:
-            result = await start()
-        except Exception as exc:
-            await self._queue.put(_Raised(exc))
-            return
-        await self._queue.put(result)
+    procedure = proc.start_run(target, args, options, has_input=input is not None,
+                               output=output)
+    return await proc.drive(procedure, _answers(input, output))
 
 
 def open_run(target: Target | str, args: Iterable[BytesLike] = (), *, input: Input = None,
              **options: Unpack[RunOptions]) -> RunStream:
-    """Start a run whose output is streamed to an async iterator.
+    """Start a run whose output is streamed, chunk by chunk.
 
     Use it as ``async with open_run(target, ...) as stream:``.  The
     arguments are those of :func:`run` (less ``output``) and are validated
-    at once.  The run starts when the block is entered; iterate the
-    :class:`RunStream` for the output, then read ``stream.result``.
-    Memory stays bounded whatever the output's size: nothing is collected.
-    The run timeout includes the time the consumer takes.
+    at once; see :class:`RunStream` for the rest.
 
     Raises:
         LocalProtocolError: invalid arguments (a NUL byte, a bad URI...).
-
     """
-    stream = RunStream()
-    stream._start = _prepare(target, args, input, stream._put, options)
-    return stream
+    procedure = proc.start_run(target, args, options, has_input=input is not None,
+                               stream=True)
+    return RunStream(procedure, _answers(input, None))
 
 
 class _Service:
@@ -296,7 +168,7 @@ class _Service:
     def __init__(self, listeners: Sequence[Listener], config: ServiceConfig) -> None:
         self.config = config
         self.listeners = Listeners(listeners, config)
-        self.jobs = Jobs()
+        self.jobs = proc.Jobs()
         self.tasks: set[asyncio.Task[None]] = set()
         self.slots = asyncio.Semaphore(config.max_connections)
 
@@ -308,7 +180,7 @@ class _Service:
                 # Take a slot before accepting: extra clients wait in the backlog.
                 await self.slots.acquire()
                 try:
-                    client = await drive(accept(self.listeners.sockets, self.config),
+                    client = await proc.drive(proc.accept(self.listeners.sockets, self.config),
                                          _ANSWERS)
                 except BaseException:
                     self.slots.release()
@@ -317,13 +189,13 @@ class _Service:
                 self._start(*client)
         finally:
             self.listeners.close()
-            await drive(wind_down(self.jobs, self.config),
-                        {**_ANSWERS, WaitJobs: self._wait_jobs})
+            await proc.drive(proc.wind_down(self.jobs, self.config),
+                        {**_ANSWERS, proc.WaitJobs: self._wait_jobs})
 
     def _start(self, conn: Any, peer: str) -> None:
-        job = Job(cancel=lambda: task.cancel())
+        job = proc.Job(cancel=lambda: task.cancel())
         task = asyncio.ensure_future(
-            drive(serve_connection(conn, peer, self.config, job, self.jobs), _ANSWERS))
+            proc.drive(proc.serve_connection(conn, peer, self.config, job, self.jobs), _ANSWERS))
         self.jobs.add(job)
         self.tasks.add(task)
 
@@ -338,7 +210,7 @@ class _Service:
 
         task.add_done_callback(finished)
 
-    async def _wait_jobs(self, request: WaitJobs) -> bool:
+    async def _wait_jobs(self, request: proc.WaitJobs) -> bool:
         if not self.tasks:
             return True
         _, pending = await asyncio.wait(set(self.tasks), timeout=request.timeout)

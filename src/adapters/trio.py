@@ -1,6 +1,6 @@
 """Trio adapter: run scripts and serve them from trio code.
 
-The procedures are the shared ones of :mod:`._procedures`; this module only
+The procedures are the shared ones of ``_procedures.py``; this module only
 waits for what they ask: ``trio.lowlevel.wait_readable``/``wait_writable``
 on one descriptor (sockets, pipes, pidfds alike), or on an epoll descriptor
 holding several, and worker threads for calls that block.
@@ -21,62 +21,39 @@ they are, never wrapped in an exception group.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import select
 from collections.abc import (
-    AsyncIterable,
-    AsyncIterator,
     Awaitable,
     Callable,
     Iterable,
     Iterator,
     Sequence,
 )
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, TypeVar
 
 import trio  # type: ignore[import-untyped,unused-ignore]
 from typing_extensions import Unpack
 
 from execproto import BytesLike, Target
 
+from . import _procedures as proc
 from ._common import (
-    CHUNK,
+    Address,
     Listener,
     Listeners,
+    OutputCallback,
     RunOptions,
     RunResult,
     ServiceConfig,
     ServiceOptions,
-    input_chunks,
 )
-from ._procedures import (
-    Deliver,
-    Expired,
-    Job,
-    Jobs,
-    NextInput,
-    Offload,
-    Turn,
-    Wait,
-    WaitJobs,
-    accept,
-    drive,
-    serve_connection,
-    start_run,
-    wind_down,
+from ._common import (
+    AsyncInput as Input,
 )
+from ._procedures import RunStream
 
 __all__ = ["RunStream", "open_run", "run", "serve"]
 
-#: The payload: bytes, a binary file (read in a worker thread), an iterable
-#: (iterated in the event loop: it must not block) or an async iterable.
-Input = (
-    bytes | bytearray | memoryview | BinaryIO | Iterable[bytes] | AsyncIterable[bytes] | None
-)
-#: Called with each output chunk; may return an awaitable, which is awaited.
-OutputCallback = Callable[[bytes], object]
-#: Where a service listens: a unix socket path or ``(host, port)``.
-Address = str | tuple[str, int]
 T = TypeVar("T")
 
 
@@ -97,7 +74,7 @@ async def _wait_fds(read: tuple[int, ...], write: tuple[int, ...]) -> None:
         await trio.lowlevel.wait_readable(poller.fileno())
 
 
-async def _wait(request: Wait) -> bool:
+async def _wait(request: proc.Wait) -> bool:
     if not request.read and not request.write:
         await trio.sleep(max(request.timeout or 0.0, 0.0))
         return False
@@ -115,55 +92,25 @@ async def _within(awaitable: Awaitable[T], seconds: float | None) -> T:
         return await awaitable
     with trio.move_on_after(max(seconds, 0.0)):
         return await awaitable
-    raise Expired
+    raise proc.Expired
 
 
-async def _chunks(data: Input) -> AsyncIterator[bytes]:
-    if isinstance(data, AsyncIterable):
-        async for chunk in data:
-            if chunk:
-                yield bytes(chunk)
-    elif (read := getattr(data, "read", None)) is not None:
-        # A file may be a pipe or a slow device: read it in a worker thread.
-        while chunk := await trio.to_thread.run_sync(read, CHUNK):
-            yield chunk
-    else:
-        for chunk in input_chunks(data):
-            yield chunk
-
-
-async def _offload(request: Offload) -> Any:
+async def _offload(request: proc.Offload) -> Any:
     call = trio.to_thread.run_sync(request.fn, *request.args, abandon_on_cancel=request.abandon)
     return await (_within(call, request.timeout) if request.abandon else call)
 
 
-async def _turn(request: Turn) -> None:
+async def _turn(request: proc.Turn) -> None:
     await trio.lowlevel.checkpoint()
 
 
 _ANSWERS: dict[type, Callable[[Any], Awaitable[Any]]] = {
-    Wait: _wait, Offload: _offload, Turn: _turn}
+    proc.Wait: _wait, proc.Offload: _offload, proc.Turn: _turn}
 
 
-def _prepare(target: Target | str, args: Iterable[BytesLike], input: Input, collect: bool,
-             options: RunOptions) -> Callable[[OutputCallback | None], Awaitable[RunResult]]:
-    """Check the arguments now; return what performs the run, given where output goes."""
-    procedure = start_run(target, args, options, collect=collect, has_input=input is not None)
-
-    async def start(output: OutputCallback | None) -> RunResult:
-        async def next_input(request: NextInput) -> bytes | None:
-            return await _within(anext(chunks, None), request.timeout)
-
-        async def deliver(request: Deliver) -> None:
-            assert output is not None
-            returned = output(request.data)
-            if inspect.isawaitable(returned):
-                await _within(returned, request.timeout)
-
-        async with contextlib.aclosing(_chunks(input)) as chunks:  # type: ignore[type-var]
-            return await drive(procedure, {**_ANSWERS, NextInput: next_input, Deliver: deliver})
-
-    return start
+def _answers(input: Input, output: OutputCallback | None) -> proc.Answers:
+    # A file may be a pipe or a slow device: it is read in a worker thread.
+    return proc.run_answers(_ANSWERS, input, output, _within, read=trio.to_thread.run_sync)
 
 
 async def run(target: Target | str, args: Iterable[BytesLike] = (), *, input: Input = None,
@@ -179,9 +126,9 @@ async def run(target: Target | str, args: Iterable[BytesLike] = (), *, input: In
     Raises:
         LocalProtocolError: invalid arguments (a NUL byte, a bad URI...).
     """
-    if output is not None:
-        options["read_output"] = True
-    return await _prepare(target, args, input, output is None, options)(output)
+    procedure = proc.start_run(target, args, options, has_input=input is not None,
+                               output=output)
+    return await proc.drive(procedure, _answers(input, output))
 
 
 def _sole_cancelled(exc: BaseException) -> trio.Cancelled | None:
@@ -206,88 +153,21 @@ def _plain_cancellation() -> Iterator[None]:
         raise cancelled from None
 
 
-class RunStream:
-    """The output of a run started by :func:`open_run`, chunk by chunk.
-
-    Iterate over it with ``async for``; each item is a chunk of output as
-    it arrives.  The run waits while the consumer does not take the next
-    chunk, so memory stays bounded.  When the iteration ends, :attr:`result`
-    holds the run's :class:`RunResult` (its ``output`` is None).
-
-    Fields:
-        result: None until the iteration has ended.
-    """
-
-    def __init__(self, receive: trio.MemoryReceiveChannel[bytes]) -> None:
-        self.result: RunResult | None = None
-        self._receive = receive
-        self._final: RunResult | None = None
-        self._error: Exception | None = None
-
-    def __aiter__(self) -> RunStream:
-        return self
-
-    async def __anext__(self) -> bytes:
-        if self.result is not None:
-            raise StopAsyncIteration
-        try:
-            chunk: bytes = await self._receive.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            error, self._error = self._error, None
-            if error is not None:
-                raise error from None
-            if self._final is None:
-                raise StopAsyncIteration from None
-            self.result = self._final
-            raise StopAsyncIteration from None
-        return chunk
-
-    async def _produce(self, start: Callable[[OutputCallback | None], Awaitable[RunResult]],
-                       send: trio.MemorySendChannel[bytes]) -> None:
-        with send:
-            try:
-                self._final = await start(send.send)
-            except Exception as exc:  # handed to the consumer by __anext__
-                self._error = exc
-
-
-@contextlib.asynccontextmanager
-async def open_run(target: Target | str, args: Iterable[BytesLike] = (), *,
-                   input: Input = None,
-                   **options: Unpack[RunOptions]) -> AsyncIterator[RunStream]:
-    """Start a run and stream its output chunk by chunk.
+def open_run(target: Target | str, args: Iterable[BytesLike] = (), *, input: Input = None,
+             **options: Unpack[RunOptions]) -> RunStream:
+    """Start a run whose output is streamed, chunk by chunk.
 
     Use it as ``async with open_run(target, args) as chunks:`` and iterate
-    with ``async for chunk in chunks``.  The parameters are those of
-    :func:`run` (there is no ``output``: the :class:`RunStream` is the
-    output).  Arguments are checked on entry.  Leaving the block before the
-    iteration has ended cancels the run: the connection is closed, a
-    ``fork`` child is killed and reaped.  An error raised by *input* is
-    raised by the iteration.
+    with ``async for chunk in chunks``.  The arguments are those of
+    :func:`run` (less ``output``) and are validated at once; see
+    :class:`RunStream` for the rest.
 
     Raises:
-        LocalProtocolError: invalid arguments, on entry.
-
+        LocalProtocolError: invalid arguments (a NUL byte, a bad URI...).
     """
-    start = _prepare(target, args, input, False, options)
-    send, receive = trio.open_memory_channel[bytes](0)
-    stream = RunStream(receive)
-    body_error: BaseException | None = None
-    with receive, _plain_cancellation():
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(stream._produce, start, send)
-            try:
-                yield stream
-            except GeneratorExit:
-                raise
-            except BaseException as exc:
-                # Re-raised below, outside the nursery, so that it is not
-                # wrapped in an exception group.
-                body_error = exc
-            finally:
-                nursery.cancel_scope.cancel()
-    if body_error is not None:
-        raise body_error
+    procedure = proc.start_run(target, args, options, has_input=input is not None,
+                               stream=True)
+    return RunStream(procedure, _answers(input, None))
 
 
 class _Service:
@@ -296,7 +176,7 @@ class _Service:
     def __init__(self, listeners: Sequence[Listener], config: ServiceConfig) -> None:
         self.config = config
         self.listeners = Listeners(listeners, config)
-        self.jobs = Jobs()
+        self.jobs = proc.Jobs()
         self.slots = trio.Semaphore(config.max_connections)
         self.idle = trio.Event()
         self.idle.set()
@@ -310,8 +190,8 @@ class _Service:
                         # Take a slot before accepting: extra clients wait in the backlog.
                         await self.slots.acquire()
                         try:
-                            client = await drive(
-                                accept(self.listeners.sockets, self.config), _ANSWERS)
+                            client = await proc.drive(
+                                proc.accept(self.listeners.sockets, self.config), _ANSWERS)
                         except BaseException:
                             self.slots.release()
                             raise
@@ -322,21 +202,21 @@ class _Service:
                         trio.lowlevel.notify_closing(sock)
                     self.listeners.close()
                     with trio.CancelScope(shield=True):
-                        await drive(wind_down(self.jobs, self.config),
-                                    {**_ANSWERS, WaitJobs: self._wait_jobs})
+                        await proc.drive(proc.wind_down(self.jobs, self.config),
+                                    {**_ANSWERS, proc.WaitJobs: self._wait_jobs})
         finally:
             self.listeners.close()
 
     async def _handle(self, conn: Any, peer: str) -> None:
-        # Shielded from serve()'s cancellation: the stop plan (wind_down)
+        # Shielded from serve()'s cancellation: the stop plan (proc.wind_down)
         # decides when a connection is cancelled.
         with trio.CancelScope(shield=True) as scope:
-            job = Job(cancel=scope.cancel)
+            job = proc.Job(cancel=scope.cancel)
             self.jobs.add(job)
             if self.idle.is_set():
                 self.idle = trio.Event()
             try:
-                await drive(serve_connection(conn, peer, self.config, job, self.jobs),
+                await proc.drive(proc.serve_connection(conn, peer, self.config, job, self.jobs),
                             _ANSWERS)
             finally:
                 self.jobs.discard(job)
@@ -345,7 +225,7 @@ class _Service:
                 conn.close()
                 self.slots.release()
 
-    async def _wait_jobs(self, request: WaitJobs) -> bool:
+    async def _wait_jobs(self, request: proc.WaitJobs) -> bool:
         timeout = request.timeout
         with trio.move_on_after(float("inf") if timeout is None else timeout):
             await self.idle.wait()

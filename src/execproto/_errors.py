@@ -40,18 +40,30 @@ class RemoteProtocolError(ProtocolError):
 
     The connection is unusable afterwards: close it.  Dovecot closes the
     connection without a reply in every such case; the service adapters do
-    the same and log :attr:`message`.
+    the same and log its ``message``.
     """
 
 
 class ConfigError(LocalProtocolError):
     """A setting or a dovecot.conf text is invalid.
 
+    The message starts with where the error is, as Dovecot writes it:
+    ``FILE line N: ...`` (or ``line N: ...`` for a text without a name).
+
     Attributes:
         line: the 1-based line number in the configuration text, or ``None``
             when the error is not tied to a line.
+        file: the name of the file the line is in (an included file's own
+            name), or ``None`` when not known.
+        reason: the message without the location.
     """
 
-    def __init__(self, message: str, line: int | None = None) -> None:
-        super().__init__(f"line {line}: {message}" if line is not None else message)
+    def __init__(self, message: str, line: int | None = None,
+                 file: str | None = None) -> None:
+        where = f"{file} " if file else ""
+        if line is not None:
+            where += f"line {line}"
+        super().__init__(f"{where.rstrip()}: {message}" if where else message)
         self.line = line
+        self.file = file
+        self.reason = message

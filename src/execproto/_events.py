@@ -43,7 +43,7 @@ class Status(enum.IntEnum):
     SUCCESS = 1
     #: The script ran and reported failure (``-``, or a non-zero exit status).
     FAILURE = 0
-    #: The run itself failed: no connection, a timeout, garbage from the peer...
+    #: The run itself failed (no connection, a timeout, garbage from the peer...).
     INTERNAL_FAILURE = -1
 
 
@@ -57,8 +57,8 @@ class ErrorKind(enum.Enum):
     RUN_TIMEOUT = "run-timeout"
     #: A socket, pipe or process error (connect refused, reset, EPIPE...).
     IO = "io"
-    #: The peer broke the protocol: bad or missing result code, dot stream
-    #: without its end line.  Dovecot reports the first as kind NONE and the
+    #: The peer broke the protocol (a bad or missing result code, dot stream
+    #: without its end line).  Dovecot reports the first as kind NONE and the
     #: second as IO; see the README's compatibility notes.
     PROTOCOL = "protocol"
     #: Anything else (name resolution failed, all tcp addresses failed...).

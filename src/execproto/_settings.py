@@ -8,15 +8,18 @@ URIs, 9.5.1) and the part of the 2.4 variable expansion that ``args`` use
 
 from __future__ import annotations
 
+import hashlib
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 
 from ._errors import ConfigError
 
 __all__ = [
     "DEFAULT_BASE_DIR",
     "DRIVERS",
+    "FILTERS",
+    "MAX_FILL",
     "ExecuteSettings",
     "ForkTarget",
     "Target",
@@ -46,7 +49,7 @@ class UnixTarget:
 
     @property
     def label(self) -> str:
-        """Dovecot's label for logs: ``unix:PATH``."""
+        """Dovecot's label for logs, ``unix:PATH``."""
         return f"unix:{self.path}"
 
 
@@ -64,7 +67,7 @@ class TcpTarget:
 
     @property
     def label(self) -> str:
-        """Dovecot's label for logs: ``tcp:HOST:PORT`` (``[v6]`` in brackets)."""
+        """Dovecot's label for logs, ``tcp:HOST:PORT`` (``[v6]`` in brackets)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"tcp:{host}:{self.port}"
 
@@ -82,7 +85,7 @@ class ForkTarget:
 
     @property
     def label(self) -> str:
-        """Dovecot 2.4's label for logs: ``fork:PATH`` (2.3 said ``exec:``)."""
+        """Dovecot 2.4's label for logs, ``fork:PATH`` (2.3 said ``exec:``)."""
         return f"fork:{self.path}"
 
 
@@ -220,27 +223,179 @@ class _Expr:
         raise ConfigError("unterminated quoted string in %{...}")
 
 
-def _username(value: str) -> str:
-    return value.partition("@")[0]
+_HASHES = ("md5", "sha1", "sha256", "sha384", "sha512")
+#: Bounds the output of lfill/rfill/hexlify (Dovecot has none; a template
+#: must not make a value of gigabytes).
+MAX_FILL = 4096
+
+_NUMBER_RE = re.compile(r"-?[0-9]+")
+_Param = tuple[str, "str | int"]  # ("str" | "int" | "var", value)
 
 
-def _domain(value: str) -> str:
-    return value.partition("@")[2]
+def _params(expr: _Expr, fname: str) -> list[_Param]:
+    """``(a, 'b', 3)`` after a filter name: strings, numbers and variable names."""
+    expr.pos += 1  # the "("
+    params: list[_Param] = []
+    while True:
+        expr.skip_space()
+        c = expr.peek()
+        if c in ("'", '"'):
+            params.append(("str", expr.string()))
+        elif c == "-" or (c.isdigit() and c.isascii()):
+            m = _NUMBER_RE.match(expr.text, expr.pos)
+            if m is None or len(m.group()) > 19:
+                raise ConfigError(f"{fname}(): expected a number at {expr.text[expr.pos:][:20]!r}")
+            expr.pos = m.end()
+            params.append(("int", int(m.group())))
+        else:
+            name = expr.name()
+            expr.skip_space()
+            if expr.peek() == "=":
+                raise ConfigError(f"{fname}(): named parameters are not supported")
+            params.append(("var", name))
+        expr.skip_space()
+        c = expr.peek()
+        if c == ",":
+            expr.pos += 1
+            continue
+        if c != ")":
+            raise ConfigError(f"expected ')' after the {fname}() argument")
+        expr.pos += 1
+        return params
 
 
-_SIMPLE_FILTERS: dict[str, Callable[[str], str]] = {
-    "lower": lambda v: v.translate(str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ",
-                                                 "abcdefghijklmnopqrstuvwxyz")),
-    "upper": lambda v: v.translate(str.maketrans("abcdefghijklmnopqrstuvwxyz",
-                                                 "ABCDEFGHIJKLMNOPQRSTUVWXYZ")),
-    "username": _username,
-    "domain": _domain,
-}
+def _number(param: _Param, variables: Mapping[str, str], fname: str) -> int:
+    kind, value = param
+    if kind == "int":
+        assert isinstance(value, int)
+        return value
+    text = str(value) if kind == "str" else variables.get(str(value))
+    if text is None:
+        raise ConfigError(f"unknown variable {value!r} in {fname}()")
+    if not re.fullmatch(r"-?[0-9]{1,18}", text):
+        raise ConfigError(f"{fname}(): '{text[:40]}' is not a number")
+    return int(text)
+
+
+def _string(param: _Param, variables: Mapping[str, str], fname: str) -> str:
+    kind, value = param
+    if kind == "var":
+        found = variables.get(str(value))
+        if found is None:
+            raise ConfigError(f"unknown variable {value!r} in {fname}()")
+        return found
+    return str(value)
+
+
+def _arity(fname: str, params: list[_Param], least: int, most: int) -> None:
+    if not least <= len(params) <= most:
+        wanted = str(least) if least == most else f"{least} to {most}"
+        raise ConfigError(f"{fname}() takes {wanted} parameter(s), got {len(params)}")
+
+
+def _substr(value: bytes, params: list[int]) -> bytes:
+    """Dovecot's fn_substr(): offset (negative: from the end), optional length."""
+    size = len(value)
+    off = params[0]
+    if not -size <= off <= size:
+        raise ConfigError("substr(): Offset out of bounds")
+    length = params[1] if len(params) > 1 else size
+    if not -size <= length <= size:
+        raise ConfigError("substr(): Length out of bounds")
+    if len(params) > 1 and length == 0:
+        return b""
+    if off < 0:
+        off += size
+    if len(params) < 2:
+        length = size - off
+    elif length < 0:
+        length += size
+        if length < off:
+            raise ConfigError("substr(): Length out of bounds")
+        length -= off
+    if length < 0 or length + off > size:
+        raise ConfigError("substr(): Length out of bounds")
+    return value[off : off + length]
+
+
+def _apply(fname: str, params: list[_Param] | None, value: bytes, binary: bool,
+           variables: Mapping[str, str]) -> tuple[bytes, bool]:
+    """One filter, on the value's bytes; returns the new bytes and whether they are binary."""
+    args = params or []
+    if fname in ("lower", "upper", "username", "domain", "reverse", *_HASHES):
+        _arity(fname, args, 0, 0)
+    if fname == "lower":
+        return value.lower(), False
+    if fname == "upper":
+        return value.upper(), False
+    if fname == "username":
+        return value.partition(b"@")[0], False
+    if fname == "domain":
+        return value.partition(b"@")[2], False
+    if fname == "reverse":
+        return value[::-1], binary
+    if fname in _HASHES:
+        return hashlib.new(fname, value).digest(), True
+    if fname == "truncate":
+        _arity(fname, args, 1, 1)
+        length = _number(args[0], variables, fname)
+        if length < 0:
+            raise ConfigError("truncate(): Value of out of bounds")
+        return value[:length], binary
+    if fname == "substr":
+        _arity(fname, args, 1, 2)
+        return _substr(value, [_number(p, variables, fname) for p in args]), binary
+    if fname == "index":
+        _arity(fname, args, 2, 2)
+        separator = _string(args[0], variables, fname).encode("utf-8", "surrogateescape")
+        if not separator:
+            raise ConfigError("index(): empty separator")
+        tokens = value.split(separator)
+        position = _number(args[1], variables, fname)
+        if position < 0:
+            position += len(tokens)
+        if not 0 <= position < len(tokens):
+            raise ConfigError("index(): Position out of bounds")
+        return tokens[position], False
+    if fname in ("lfill", "rfill"):
+        _arity(fname, args, 1, 2)
+        amount = _number(args[0], variables, fname)
+        if not 1 <= amount <= MAX_FILL:
+            raise ConfigError(f"{fname}(): Fill length out of bounds (1..{MAX_FILL})")
+        filler = (_string(args[1], variables, fname) if len(args) > 1 else "0").encode(
+            "utf-8", "surrogateescape")
+        if not filler:
+            raise ConfigError(f"{fname}(): empty filler")
+        pad = b""
+        while len(value) + len(pad) < amount:
+            pad += filler
+        return (pad + value if fname == "lfill" else value + pad), binary
+    if fname == "hexlify":
+        _arity(fname, args, 0, 1)
+        width = _number(args[0], variables, fname) if args else 0
+        if not 0 <= width <= MAX_FILL:
+            raise ConfigError(f"hexlify(): Width out of bounds (0..{MAX_FILL})")
+        text = value.hex().encode()
+        if width:
+            text = text.rjust(width, b"0")[:width]
+        return text, False
+    raise ConfigError(f"unknown filter {fname!r} (supported: {', '.join(sorted(FILTERS))})")
+
+
+#: The ``%{...}`` filters :func:`expand_value` knows.
+FILTERS = ("default", "domain", "hexlify", "index", "lfill", "lower", "md5", "reverse",
+           "rfill", "sha1", "sha256", "sha384", "sha512", "substr", "truncate", "upper",
+           "username")
+
+
+def _encode(value: str | None) -> bytes | None:
+    return None if value is None else value.encode("utf-8", "surrogateescape")
 
 
 def _eval_expression(expr: _Expr, variables: Mapping[str, str]) -> str:
     var = expr.name()
-    value: str | None = variables.get(var)
+    value = _encode(variables.get(var))
+    binary = False
     while True:
         expr.skip_space()
         c = expr.peek()
@@ -252,35 +407,26 @@ def _eval_expression(expr: _Expr, variables: Mapping[str, str]) -> str:
         expr.pos += 1
         fname = expr.name()
         expr.skip_space()
+        params = _params(expr, fname) if expr.peek() == "(" else None
         if fname == "default":
-            fallback = ""
-            if expr.peek() == "(":
-                expr.pos += 1
-                expr.skip_space()
-                if expr.peek() in ("'", '"'):
-                    fallback = expr.string()
-                else:
-                    ref = expr.name()
-                    if ref not in variables:
-                        raise ConfigError(f"unknown variable {ref!r} in default()")
-                    fallback = variables[ref]
-                expr.skip_space()
-                if expr.peek() != ")":
-                    raise ConfigError("expected ')' after the default() argument")
-                expr.pos += 1
+            fallback = b""
+            if params:
+                _arity(fname, params, 1, 1)
+                kind, ref = params[0]
+                if kind == "var" and ref not in variables:
+                    raise ConfigError(f"unknown variable {ref!r} in default()")
+                fallback = _encode(_string(params[0], variables, fname)) or b""
             if not value:
-                value = fallback
+                value, binary = fallback, False
             continue
-        func = _SIMPLE_FILTERS.get(fname)
-        if func is None:
-            raise ConfigError(f"unknown filter {fname!r} (supported: default, "
-                              f"{', '.join(sorted(_SIMPLE_FILTERS))})")
+        if fname not in FILTERS:
+            raise ConfigError(f"unknown filter {fname!r} (supported: {', '.join(FILTERS)})")
         if value is None:
             raise ConfigError(f"unknown variable {var!r}")
-        value = func(value)
+        value, binary = _apply(fname, params, value, binary, variables)
     if value is None:
         raise ConfigError(f"unknown variable {var!r}")
-    return value
+    return value.hex() if binary else value.decode("utf-8", "surrogateescape")
 
 
 def expand_value(template: str, variables: Mapping[str, str]) -> str:
@@ -380,6 +526,7 @@ class ExecuteSettings:
             from *name* (see :meth:`target`).
         tcp_port: 0 when unset.
         line: where the block starts in its configuration text, if known.
+        file: the file that line is in, if known.
     """
 
     name: str
@@ -390,14 +537,16 @@ class ExecuteSettings:
     tcp_host: str = ""
     tcp_port: int = 0
     line: int | None = None
+    file: str | None = None
 
     def __post_init__(self) -> None:
         if self.driver not in DRIVERS:
             raise ConfigError(
                 f"execute {self.name}: invalid driver {self.driver!r} "
-                f"(expected one of {', '.join(DRIVERS)})", self.line)
+                f"(expected one of {', '.join(DRIVERS)})", self.line, self.file)
         if not 0 <= self.tcp_port <= 65535:
-            raise ConfigError(f"execute {self.name}: invalid tcp_port {self.tcp_port}", self.line)
+            raise ConfigError(f"execute {self.name}: invalid tcp_port {self.tcp_port}",
+                              self.line, self.file)
 
     def target(self, *, base_dir: str = DEFAULT_BASE_DIR) -> Target:
         """Infer the target as Dovecot's ``program_client_settings_check()`` does.
@@ -416,7 +565,7 @@ class ExecuteSettings:
         if self.driver == "fork":
             path = self.fork_path or self.name
             if not path:
-                raise ConfigError("execute: empty fork_path and name", self.line)
+                raise ConfigError("execute: empty fork_path and name", self.line, self.file)
             return ForkTarget(path)
         host, port = self.tcp_host, self.tcp_port
         if not host and self.name:
@@ -425,11 +574,36 @@ class ExecuteSettings:
             except ConfigError:
                 raise ConfigError(
                     f"Failed to parse execute_tcp_host:port from execute_name={self.name}",
-                    self.line) from None
+                    self.line, self.file) from None
         if port == 0:
             raise ConfigError(
-                "execute_tcp_port must not be 0 with execute_driver=tcp", self.line)
+                "execute_tcp_port must not be 0 with execute_driver=tcp", self.line, self.file)
         return TcpTarget(host, port)
+
+    def expand(self, variables: Mapping[str, str]) -> ExecuteSettings:
+        """These settings with ``%{...}`` expanded in the paths and the tcp host.
+
+        Dovecot expands every string setting for the user it runs for, so
+        ``unix_socket_path = /run/qw/%{user}.sock`` reaches one socket per
+        user (2.3 expands its whole ``quota_warning`` string the same way).
+        The name is not expanded (nor is it in Dovecot); ``args`` stays a
+        template for :meth:`expand_args`, which splits it after expanding.
+
+        Raises:
+            ConfigError: see :func:`expand_value`, with the block's place.
+        """
+        def one(key: str, template: str) -> str:
+            if "%" not in template:
+                return template
+            try:
+                return expand_value(template, variables)
+            except ConfigError as exc:
+                raise ConfigError(f"execute {self.name}: {key}: {exc.reason}", self.line,
+                                  self.file) from None
+
+        return replace(self, unix_socket_path=one("unix_socket_path", self.unix_socket_path),
+                       fork_path=one("fork_path", self.fork_path),
+                       tcp_host=one("tcp_host", self.tcp_host))
 
     def expand_args(
         self, variables: Mapping[str, str], *, split_first: bool = False
@@ -438,4 +612,5 @@ class ExecuteSettings:
         try:
             return expand_args(self.args, variables, split_first=split_first)
         except ConfigError as exc:
-            raise ConfigError(f"execute {self.name}: args: {exc.message}", self.line) from None
+            raise ConfigError(f"execute {self.name}: args: {exc.reason}", self.line,
+                              self.file) from None

@@ -229,3 +229,26 @@ def test_removed_on_stop_only_while_ours(tmp_path: Path) -> None:
     created.remove()
     assert not path.exists()
     created.remove()  # gone already: nothing to do
+
+
+def test_backlog_follows_max_connections(tmp_path: Path) -> None:
+    # A burst as large as max_connections waits in the backlog: no EAGAIN
+    # for unix clients (the old fixed backlog of 128 refused the 130th).
+    from execproto.adapters._common import Listeners, ServiceConfig, listen_backlog
+
+    assert listen_backlog(1) == 128
+    assert 128 <= listen_backlog(10**9) <= 65535
+    config = ServiceConfig(script="/bin/true", max_connections=400)
+    listeners = Listeners([UnixListener(str(tmp_path / "s"))], config)
+    clients: list[socket.socket] = []
+    try:
+        for _ in range(400):  # nobody accepts: all of them are queued
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            clients.append(client)
+            client.setblocking(False)
+            client.connect(str(tmp_path / "s"))
+    finally:
+        for client in clients:
+            client.close()
+        listeners.close()
+    assert len(clients) == 400

@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from execproto import (
     ConfigError,
     ConfigSection,
     ExecuteSettings,
+    ForkTarget,
     LocalProtocolError,
     ScriptCommand,
     ServiceSettings,
     TcpTarget,
     UnixTarget,
+    convert_legacy_args,
     execute_settings,
+    filter_kind,
     find_execute,
     find_service,
+    legacy_executes,
+    list_executes,
     parse_config,
     parse_script_command,
+    sieve_programs,
 )
+from execproto._config import legacy_target
 
 WELCOME = """\
 # Dovecot 2.4 style
@@ -132,13 +141,16 @@ def test_crlf_line_ends() -> None:
 
 
 def test_section_forms() -> None:
-    root = parse_config('plain {\n}\nnamed n {\n}\nquoted "q" {\n}\nspaced   x   {\n}\ntight{\n}\n')
+    root = parse_config('plain {\n}\nnamed n {\n}\nquoted "q" {\n}\nspaced   x   {\n}\n'
+                        'mailbox "Sent Messages" {\n}\nq "a\\\\b\\x" {\n}\nsp\t"t"{\n}\n')
     assert [(s.kind, s.name) for s in root.sections] == [
         ("plain", ""),
         ("named", "n"),
         ("quoted", "q"),
         ("spaced", "x"),
-        ("tight", ""),
+        ("mailbox", "Sent Messages"),
+        ("q", "a\\bx"),  # str_unescape(): a backslash keeps the next character
+        ("sp", "t"),
     ]
 
 
@@ -151,19 +163,29 @@ def test_continuation() -> None:
     root = parse_config("a = one \\\n  two\nb = 3\n")
     assert root.settings[0][0] == "a"
     assert root.settings[0][1].split() == ["one", "two"]
-    assert root.settings[0][2] == 1
+    assert root.settings[0][2] == 2  # Dovecot's line: where the joined line ends
     assert root.settings[1] == ("b", "3", 3)
 
 
-def test_continuation_error_reports_the_first_line() -> None:
+def test_continuation_error_reports_the_last_line() -> None:
     with pytest.raises(ConfigError) as info:
         parse_config("a = 1\nbad \\\nline\n")
-    assert info.value.line == 2
+    assert info.value.line == 3
+    assert info.value.reason == "Expecting '{'"
+
+
+def test_blank_line_drops_a_continuation() -> None:
+    # The blank line ends the continuation and drops it: " b" stands alone.
+    with pytest.raises(ConfigError) as info:
+        parse_config("a = x \\\n\n b\n")
+    assert (info.value.line, info.value.reason) == (3, "Expecting '{'")
+    # A continuation on the last line is dropped silently.
+    assert parse_config("a = 1\nb = 2 \\").settings == [("a", "1", 1)]
 
 
 def test_continuation_joins_with_a_space() -> None:
     # config-parser.c strips the line, drops the backslash and appends ' '.
-    assert parse_config("args = one\\\ntwo\n").settings == [("args", "one two", 1)]
+    assert parse_config("args = one\\\ntwo\n").settings == [("args", "one two", 2)]
 
 
 def test_continuation_after_trailing_blanks_or_comment() -> None:
@@ -189,7 +211,7 @@ def test_include_via_callback() -> None:
         "a = 0\n"
         "welcome {\n"
         "  !include /etc/dovecot/conf.d/10-execute.conf\n"
-        "  !include_try \"/etc/dovecot/empty.conf\"\n"
+        "  !include_try /etc/dovecot/empty.conf\n"
         "}\n",
         include=load,
     )
@@ -197,7 +219,8 @@ def test_include_via_callback() -> None:
     welcome = root.sections[0]
     assert welcome.settings == [("x", "1", 4)]  # line numbers are the included file's
     assert [(s.kind, s.name) for s in welcome.sections] == [("execute", "inc")]
-    assert find_execute(welcome) == ExecuteSettings("inc", driver="fork", line=1)
+    assert find_execute(welcome) == ExecuteSettings(
+        "inc", driver="fork", line=1, file="/etc/dovecot/conf.d/10-execute.conf")
 
 
 def test_include_without_callback() -> None:
@@ -211,8 +234,10 @@ def test_include_without_callback() -> None:
 
 
 def test_include_errors_propagate() -> None:
-    with pytest.raises(ConfigError, match="line 2: '}' without an open section"):
-        parse_config("!include x\n", include=lambda path: "a = 1\n}\n")
+    with pytest.raises(ConfigError) as info:
+        parse_config("!include x\n", include=lambda path: "a = 1\n}\n", name="main.conf")
+    assert (info.value.file, info.value.line) == ("x", 2)  # the included file's own line
+    assert info.value.message == "x line 2: Unexpected '}'"
 
 
 def test_include_recursion_is_bounded() -> None:
@@ -222,16 +247,20 @@ def test_include_recursion_is_bounded() -> None:
         calls.append(path)
         return "!include self\n"
 
+    with pytest.raises(ConfigError) as info:
+        parse_config("!include self\n", include=load, name="main")
+    assert info.value.message == "self line 1: Recursive include file: self"
+    assert len(calls) == 2
+    # Names that never repeat are bounded too.
     with pytest.raises(ConfigError, match="!include nested too deeply"):
-        parse_config("!include self\n", include=load)
-    assert len(calls) == 21
+        parse_config("!include 0\n", include=lambda p: f"!include {int(p) + 1}\n")
 
 
 def test_unknown_directive() -> None:
     with pytest.raises(ConfigError) as info:
         parse_config("\n!includes x\n", include=lambda path: "")
     assert info.value.line == 2
-    assert "unknown directive '!includes'" in info.value.message
+    assert info.value.reason == "Expecting '{'"
 
 
 # --- syntax errors ----------------------------------------------------------------------------
@@ -240,29 +269,59 @@ def test_unknown_directive() -> None:
 @pytest.mark.parametrize(
     ("text", "line", "message"),
     [
-        ("a = 1\n}\n", 2, "'}' without an open section"),
-        ("{\n}\n", 1, "invalid section start '{'"),
-        ("a b c {\n}\n", 1, "invalid section start 'a b c {'"),
-        ("a = b {\n}\n", 1, "invalid section start 'a = b {'"),
-        ("ok = 1\njust words\n", 2, "expected 'key = value', '{' or '}', got 'just words'"),
-        ("= value\n", 1, "expected 'key = value', '{' or '}', got '= value'"),
-        ("two words = value\n", 1, "expected 'key = value'"),
-        ("s {\n  key\n}\n", 2, "expected 'key = value'"),
-        ("a = \"open\n", 1, "unterminated quoted value"),
-        ("a = 'open\n", 1, "unterminated quoted value"),
-        ("a = \"\n", 1, "unterminated quoted value"),
-        ("s x {\n  n = \"v'\n}\n", 2, "unterminated quoted value"),
-        ("a = 1\nb = 2 \\", 2, "the last line ends with a continuation '\\'"),
-        ("a = 1\ns x {\n  t {\n  }\n", 2, "section s x is not closed"),
-        ("s {\n", 1, "section s  is not closed"),
-        ("a = 1\n\n\n!other\n", 4, "expected 'key = value'"),
+        # Dovecot's messages and lines (doveconf 2.3.19 and 2.4 agree).
+        ("a = 1\n}\n", 2, "Unexpected '}'"),
+        ("{\n}\n", 1, "Expecting '{'"),
+        ("a b c {\n}\n", 1, "Expecting '{'"),
+        ("a = b {\n}\n", 2, "Unexpected '}'"),  # a value "b {", then a stray '}'
+        ("ok = 1\njust words\n", 2, "Expecting '{'"),
+        ("= value\n", 1, "Missing setting name before '='"),
+        ("two words = value\n", 1, "Expecting '{'"),
+        ("s {\n  key\n}\n", 2, "Expecting '{'"),
+        ("s{\n}\n", 1, "Expecting '{'"),
+        ("s x{\n}\n", 1, "Expecting '{'"),
+        ("s x {y\n}\n", 1, "Garbage after '{'"),
+        ('s "x {\n}\n', 1, "Expecting '{'"),
+        ('s "a\\"b" {\n}\n', 1, "Expecting '{'"),
+        ("} }\n", 1, "Expecting '{'"),
+        ("a = 1\ns x {\n  t {\n  }\n", 2, "Missing '}' (section started at <text>:2)"),
+        ("s {\n", 1, "Missing '}' (section started at <text>:1)"),
+        ("a = 1\n\n\n!other\n", 4, "Expecting '{'"),
+        ("group @g\n", 1, "Expecting group name"),
+        ("group @g n\n", 1, "Expecting '{'"),
     ],
 )
-def test_syntax_errors(text: str, line: int, message: str) -> None:
+def test_syntax_errors(text: str, line: int | None, message: str | None) -> None:
     with pytest.raises(ConfigError) as info:
         parse_config(text)
+    if line is None:
+        return
     assert info.value.line == line
-    assert str(info.value).startswith(f"line {line}: {message}")
+    assert info.value.reason == message
+    assert str(info.value) == f"line {line}: {message}"
+
+
+@pytest.mark.parametrize(
+    ("line", "value"),
+    [
+        ('a = "open', '"open'),  # an unbalanced quote is kept as written
+        ("a = 'open", "'open"),
+        ('a = "', ""),  # one quote is both the opening and the closing one
+        ("a = \"v'", "\"v'"),
+        ("a = don't # x", "don't # x"),  # the quote hides the '#'
+        ('a = "x" # "y', "x"),
+    ],
+)
+def test_quote_quirks(line: str, value: str) -> None:
+    assert parse_config(line).get("a") == value
+
+
+def test_errors_name_the_file() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config("a = 1\n}\n", name="/etc/dovecot/dovecot.conf")
+    assert info.value.message == "/etc/dovecot/dovecot.conf line 2: Unexpected '}'"
+    assert (info.value.file, info.value.line, info.value.reason) == (
+        "/etc/dovecot/dovecot.conf", 2, "Unexpected '}'")
 
 
 def test_config_error_is_a_local_protocol_error() -> None:
@@ -545,22 +604,23 @@ LISTENER = "service s {\n  executable = script /x\n  %s\n  }\n}\n"
 @pytest.mark.parametrize(
     ("text", "name", "message"),
     [
-        (SERVICES, "nosuch", "no service nosuch { .. } block found"),
+        (SERVICES, "nosuch",
+         "no service nosuch { .. } block found (script services here: doc, test-script-service)"),
         (SERVICES, "empty", "line 25: service empty: no 'executable = script ...' setting"),
         (
             SERVICES,
             "welcome",
-            "line 22: service welcome: executable is '/usr/bin/python3', not the script binary",
+            "line 23: service welcome: executable is '/usr/bin/python3', not the script binary",
         ),
         (
             "service s {\n  executable = script -x /s\n}\n",
             "s",
-            "line 1: service s: unknown script option '-x'",
+            "line 2: service s: unknown script option '-x'",
         ),
         (
             "service s {\n  executable = script\n}\n",
             "s",
-            "line 1: service s: Missing script path",
+            "line 2: service s: Missing script path",
         ),
         (
             "service s {\n  executable = script /x\n  unix_listener {\n  }\n}\n",
@@ -596,3 +656,383 @@ def test_find_service_non_ascii_port() -> None:
     )
     with pytest.raises(ConfigError):
         find_service(root, "s")
+
+
+# --- the loader: includes with file names, <file values -------------------------------------
+
+
+class DictLoader:
+    """Files by name; patterns are names, a name ending in ``*`` matches by prefix."""
+
+    def __init__(self, files: dict[str, str]) -> None:
+        self.files = files
+        self.reads: list[tuple[str, str]] = []
+
+    def include(self, pattern: str, parent: str, optional: bool) -> list[tuple[str, str]]:
+        if pattern.endswith("*"):
+            names = sorted(n for n in self.files if n.startswith(pattern[:-1]))
+        else:
+            names = [pattern] if pattern in self.files else []
+        if not names and not optional:
+            raise ConfigError("No matches")
+        return [(n, self.files[n]) for n in names]
+
+    def read(self, path: str, parent: str) -> str:
+        self.reads.append((path, parent))
+        if path not in self.files:
+            raise ConfigError(f"Can't open file {path}: No such file or directory")
+        return self.files[path]
+
+
+def test_loader_names_files_in_errors() -> None:
+    loader = DictLoader({"conf.d/10-a.conf": "a = 1\n", "conf.d/15-mailboxes.conf":
+                         'namespace inbox {\n  mailbox "Sent Messages" {\n  }\n  oops\n}\n'})
+    with pytest.raises(ConfigError) as info:
+        parse_config("x = 1\n!include conf.d/*\n", loader=loader, name="dovecot.conf")
+    assert info.value.message == "conf.d/15-mailboxes.conf line 4: Expecting '{'"
+    assert (info.value.file, info.value.line, info.value.reason) == (
+        "conf.d/15-mailboxes.conf", 4, "Expecting '{'")
+
+
+def test_loader_errors_are_at_the_directive() -> None:
+    loader = DictLoader({})
+    with pytest.raises(ConfigError) as info:
+        parse_config("\n!include nosuch.conf\n", loader=loader, name="main.conf")
+    assert info.value.message == "main.conf line 2: No matches"
+    root = parse_config("!include_try nosuch.conf\na = 1\n", loader=loader, name="main.conf")
+    assert root.settings == [("a", "1", 2)]
+
+
+def test_included_sections_know_their_file() -> None:
+    loader = DictLoader({"svc.conf": "service s {\n  executable = script /x\n}\n"})
+    root = parse_config("a = 1\n!include svc.conf\n", loader=loader, name="main.conf")
+    (service,) = root.sections
+    assert (service.file, service.line) == ("svc.conf", 1)
+    assert service.where("executable") == ("svc.conf", 2)
+    assert find_service(root, "s").file == "svc.conf"
+
+
+def test_file_values_are_read_when_used() -> None:
+    loader = DictLoader({"cmd.txt": "script /from/file.sh\n"})
+    root = parse_config("ssl_key = </nosuch.key\nservice s {\n  executable = <cmd.txt\n}\n",
+                        loader=loader, name="/etc/dovecot/dovecot.conf")
+    assert loader.reads == []  # nothing read while parsing
+    assert find_service(root, "s").command.script == "/from/file.sh"
+    assert loader.reads == [("cmd.txt", "/etc/dovecot/dovecot.conf")]
+    with pytest.raises(ConfigError) as info:
+        root.get("ssl_key")
+    assert info.value.message == (
+        "/etc/dovecot/dovecot.conf line 1: Can't open file /nosuch.key: "
+        "No such file or directory")
+    assert root.settings[0] == ("ssl_key", "/nosuch.key", 1)
+
+
+def test_file_values_without_a_loader() -> None:
+    root = parse_config("a = <x.txt\n")
+    with pytest.raises(ConfigError, match="values read from files are not followed here"):
+        root.get("a")
+
+
+def test_continuation_spans_an_include_end() -> None:
+    # config-parser.c keeps the gathered text across the end of a file.
+    loader = DictLoader({"a.conf": "a = one \\"})
+    root = parse_config("!include a.conf\n  two\n", loader=loader)
+    assert root.settings == [("a", "one two", 2)]
+
+
+def test_nul_ends_a_line() -> None:
+    assert parse_config("a = 1\0 ignored\nb = 2\n").settings == [("a", "1", 1), ("b", "2", 2)]
+
+
+def test_many_lines_are_linear() -> None:
+    # A large tree parses in one pass (no quadratic joins or rescans).
+    text = "service s {\n" + "  a = b \\\n" * 20000 + "  c\n}\n"
+    root = parse_config(text)
+    assert root.sections[0].settings[0][1].count("b") == 20000
+
+
+# --- 2.4 named filters, choosing among execute blocks --------------------------------------
+
+QUOTA_24 = """\
+quota "User quota" {
+  warning warn-95 {
+    quota_storage_percentage = 95
+    execute quota-warning {
+      args = 95 %{user}
+    }
+  }
+  warning warn-80 {
+    execute quota-warning {
+      args = 80 %{user}
+    }
+  }
+}
+quota_warning other {
+  execute quota-warning {
+    args = other
+  }
+}
+"""
+
+
+def test_filter_kind_normalises_warning() -> None:
+    root = parse_config(QUOTA_24)
+    kinds = [(filter_kind(s), s.name) for s in root.walk() if s.kind in ("warning",
+                                                                          "quota_warning")]
+    assert kinds == [("quota_warning", "warn-95"), ("quota_warning", "warn-80"),
+                     ("quota_warning", "other")]
+
+
+def test_find_execute_ambiguous_lists_the_blocks() -> None:
+    root = parse_config(QUOTA_24, name="90-quota.conf")
+    with pytest.raises(ConfigError) as info:
+        find_execute(root, "quota-warning")
+    assert info.value.message == (
+        "3 execute quota-warning { .. } blocks, choose one by its filters: "
+        'quota "User quota" / quota_warning warn-95 / execute quota-warning '
+        "(90-quota.conf line 4); "
+        'quota "User quota" / quota_warning warn-80 / execute quota-warning '
+        "(90-quota.conf line 9); "
+        "quota_warning other / execute quota-warning (90-quota.conf line 15)")
+
+
+@pytest.mark.parametrize(
+    ("filters", "args"),
+    [
+        (["warn-95"], "95 %{user}"),
+        (["quota_warning warn-80"], "80 %{user}"),
+        (["warning warn-80"], "80 %{user}"),  # the short form as written
+        (["User quota", "warn-80"], "80 %{user}"),
+        (['quota "User quota"', "warn-95"], "95 %{user}"),
+        (["other"], "other"),
+    ],
+)
+def test_find_execute_filters(filters: list[str], args: str) -> None:
+    root = parse_config(QUOTA_24)
+    assert find_execute(root, "quota-warning", filters=filters).args == args
+
+
+def test_find_execute_filters_match_in_order() -> None:
+    root = parse_config(QUOTA_24)
+    with pytest.raises(ConfigError, match=r"no execute quota-warning .* within warn-95 / quota"):
+        find_execute(root, "quota-warning", filters=["warn-95", "quota"])
+    with pytest.raises(ConfigError, match="3 execute quota-warning"):
+        find_execute(root, "quota-warning", filters=["quota_warning"])
+
+
+def test_list_executes() -> None:
+    root = parse_config(QUOTA_24 + "welcome {\n  execute w {\n    driver = pipe\n  }\n}\n")
+    found = list_executes(root)
+    assert [where.split(" (")[0] for where, _ in found] == [
+        'quota "User quota" / quota_warning warn-95 / execute quota-warning',
+        'quota "User quota" / quota_warning warn-80 / execute quota-warning',
+        "quota_warning other / execute quota-warning",
+        "welcome / execute w",
+    ]
+    assert isinstance(found[3][1], ConfigError)
+
+
+# --- Dovecot 2.3 forms --------------------------------------------------------------------------
+
+PLUGIN_23 = """\
+plugin {
+  quota_warning = storage=95%% quota-warning 95 %u
+  quota_warning2 = storage=80%% quota-warning 80 %n %d
+  quota_warning3 = -storage=100%% unix:/run/qw.sock below %Lu
+  welcome_script = welcome %u
+  quota_warning4 = messages=10%% exec:/bin/qw x
+  quota_warning5 = messages=1%% tcp:[::1]:4000 y
+}
+plugin {
+  quota_warning4 = messages=20%% exec:/bin/qw later
+}
+"""
+
+
+def test_legacy_executes() -> None:
+    found = legacy_executes(parse_config(PLUGIN_23, name="90-quota.conf"))
+    assert [(where, s.name, s.driver, s.args) for where, s in found] == [
+        ("plugin / quota_warning (90-quota.conf line 2)", "quota-warning", "unix",
+         "95 %{user}"),
+        ("plugin / quota_warning2 (90-quota.conf line 3)", "quota-warning", "unix",
+         "80 %{user | username} %{user | domain}"),
+        ("plugin / quota_warning3 (90-quota.conf line 4)", "unix:/run/qw.sock", "unix",
+         "below %{user | lower}"),
+        ("plugin / welcome_script (90-quota.conf line 5)", "welcome", "unix", "%{user}"),
+        ("plugin / quota_warning5 (90-quota.conf line 7)", "tcp:[::1]:4000", "tcp", "y"),
+        # The later plugin block's value wins.
+        ("plugin / quota_warning4 (90-quota.conf line 10)", "exec:/bin/qw", "fork", "later"),
+    ]
+    first = found[0][1]
+    assert first.target(base_dir="/run/dovecot") == UnixTarget("/run/dovecot/quota-warning")
+    assert first.expand_args({"user": "frank@example.org"}) == ("95", "frank@example.org")
+    assert found[4][1].target() == TcpTarget("::1", 4000)
+
+
+def test_legacy_target_paths_take_variables() -> None:
+    # 2.3 expands the whole quota_warning string: %u in the socket path too.
+    settings = legacy_target("unix:/run/qw/%n.sock", "unix:/run/qw/%n.sock", 1, None, "%u")
+    assert settings.unix_socket_path == "/run/qw/%{user | username}.sock"
+    assert settings.expand({"user": "frank@x"}).target() == UnixTarget("/run/qw/frank.sock")
+    fork = legacy_target("exec:/bin/%u", "exec:/bin/%u", 1, None, "")
+    assert fork.expand({"user": "u"}).fork_path == "/bin/u"
+
+
+def test_find_execute_reads_2_3_settings() -> None:
+    root = parse_config(PLUGIN_23)
+    with pytest.raises(ConfigError, match=r"2 execute quota-warning .* plugin / quota_warning "):
+        find_execute(root, "quota-warning")
+    chosen = find_execute(root, "quota-warning", filters=["quota_warning2"])
+    assert chosen.expand_args({"user": "frank@example.org"}) == ("80", "frank", "example.org")
+    assert find_execute(root, "welcome").args == "%{user}"
+
+
+@pytest.mark.parametrize(
+    ("text", "converted"),
+    [
+        ("95 %u", "95 %{user}"),
+        ("%n@%d", "%{user | username}@%{user | domain}"),
+        ("100%% %Uu", "100% %{user | upper}"),
+        ("%{user} %{home}", "%{user} %{home}"),
+        ("a%%{b", "a%%{b"),  # a literal %{ stays literal in the 2.4 syntax
+        ("plain", "plain"),
+    ],
+)
+def test_convert_legacy_args(text: str, converted: str) -> None:
+    assert convert_legacy_args(text) == converted
+
+
+@pytest.mark.parametrize("text", ["%q", "100%", "%{user"])
+def test_convert_legacy_args_errors(text: str) -> None:
+    with pytest.raises(ConfigError):
+        convert_legacy_args(text)
+
+
+# --- services -----------------------------------------------------------------------------------
+
+
+def test_services_of_one_name_merge() -> None:
+    root = parse_config(
+        "service s {\n  executable = script /first\n  unix_listener a {\n  }\n}\n"
+        "service s {\n  executable = script -p /second\n  unix_listener a {\n"
+        "    mode = 0666\n  }\n  unix_listener b {\n  }\n}\n")
+    service = find_service(root, "s")
+    assert service.command == ScriptCommand((), True, "/second", ())
+    assert service.unix_listeners == (("/run/dovecot/a", 0o666), ("/run/dovecot/b", 0o600))
+    assert service.line == 1
+
+
+def test_listener_listen_2_4() -> None:
+    root = parse_config(
+        "listen = 10.0.0.1\nservice s {\n  executable = script /x\n"
+        "  inet_listener a {\n    port = 1\n    listen = 127.0.0.1 ::1\n  }\n"
+        "  inet_listener b {\n    inet_listener_port = 2\n  }\n"
+        "  unix_listener u {\n    unix_listener_mode = 0666\n  }\n}\n"
+        "service t {\n  executable = script /t\n  listen = 127.0.0.2\n"
+        "  inet_listener c {\n    port = 3\n  }\n}\n")
+    assert find_service(root, "s").inet_listeners == (
+        ("127.0.0.1", 1), ("::1", 1), ("10.0.0.1", 2))
+    assert find_service(root, "s").unix_listeners == (("/run/dovecot/u", 0o666),)
+    assert find_service(root, "t").inet_listeners == (("127.0.0.2", 3),)
+
+
+def test_ambiguity_lists_at_most_twenty() -> None:
+    text = "".join(f"w{i} {{\n  execute x {{\n  }}\n}}\n" for i in range(25))
+    with pytest.raises(ConfigError) as info:
+        find_execute(parse_config(text), "x")
+    assert info.value.message.startswith("25 execute x { .. } blocks, choose one by its filters")
+    assert info.value.message.endswith("w19 / execute x (line 78); and 5 more")
+
+
+def test_deep_nesting_with_execute_blocks_is_not_quadratic() -> None:
+    depth = 3000
+    text = "execute x {\n" * depth + "}\n" * depth
+    root = parse_config(text)
+    assert len(root.walk()) == depth + 1
+    with pytest.raises(ConfigError) as info:
+        find_execute(root, "x")
+    assert info.value.message.startswith("3000 execute x { .. } blocks")
+    assert info.value.message.endswith("; and 2980 more")
+    assert ".../ execute x / execute x / execute x / execute x / execute x / execute x / " \
+        "execute x / execute x (line 20)" in info.value.message
+    assert len(info.value.message) < 5000
+
+
+# --- Pigeonhole extprograms ---------------------------------------------------------------------
+
+
+def test_sieve_programs_2_3_and_2_4() -> None:
+    old = parse_config("plugin {\n  sieve_pipe_socket_dir = sieve-pipe\n"
+                       "  sieve_pipe_bin_dir = /usr/lib/dovecot/sieve-pipe\n}\n")
+    new = parse_config("sieve_pipe_socket_dir = sieve-pipe\n"
+                       "sieve_pipe_bin_dir = /usr/lib/dovecot/sieve-pipe\n")
+    for root in (old, new):
+        socket, binary = sieve_programs(root, "pipe", "do-something")
+        assert socket.target(base_dir="/run/dovecot") == UnixTarget(
+            "/run/dovecot/sieve-pipe/do-something")
+        assert binary.target() == ForkTarget("/usr/lib/dovecot/sieve-pipe/do-something")
+
+
+def test_sieve_programs_absolute_socket_dir_is_under_base_dir() -> None:
+    root = parse_config("sieve_execute_socket_dir = /abs\n")
+    (socket,) = sieve_programs(root, "execute", "p")
+    assert socket.target(base_dir="/run/dovecot") == UnixTarget("/run/dovecot/abs/p")
+
+
+@pytest.mark.parametrize(
+    ("extension", "program", "message"),
+    [
+        ("pipe", "p", "vnd.dovecot.pipe extension is unconfigured"),
+        ("fork", "p", "unknown sieve extension 'fork'"),
+        ("pipe", "../p", "invalid sieve program name '../p'"),
+        ("pipe", "", "invalid sieve program name ''"),
+    ],
+)
+def test_sieve_programs_errors(extension: str, program: str, message: str) -> None:
+    root = parse_config("sieve_filter_bin_dir = /x\n")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        sieve_programs(root, extension, program)
+
+
+def test_missing_service_lists_script_services() -> None:
+    root = parse_config("service a {\n  executable = /usr/libexec/dovecot/script /a\n}\n"
+                        "service imap {\n  executable = imap\n}\nservice b {\n"
+                        "  executable = script /b\n}\n")
+    with pytest.raises(ConfigError) as info:
+        find_service(root, "quota-warning")
+    assert info.value.message == (
+        "no service quota-warning { .. } block found (script services here: a, b)")
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ('a = "x\\\\y \\"q\\""', 'x\\y "q"'),
+        ("a = 'plain'", "plain"),
+        ('s "a\\\\b" {\n}\n', None),
+    ],
+)
+def test_strict_escapes_accept(text: str, value: str | None) -> None:
+    root = parse_config(text, strict_escapes=True)
+    if value is not None:
+        assert root.get("a") == value
+    else:
+        assert root.sections[0].name == "a\\b"
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("x = 1\na = 'it\\'s'\n", "Unknown escape sequence \\'"),
+        ('a = "tab\\t"\n', "Unknown escape sequence \\t"),
+        ('"k\\ey" = v\n', "Unknown escape sequence \\e"),
+        ('s "a\\b" {\n}\n', "Unknown escape sequence \\b"),
+    ],
+)
+def test_strict_escapes_reject(text: str, reason: str) -> None:
+    # Dovecot 2.4.4 and later; 2.3 and 2.4.1 take the character as itself.
+    parse_config(text)
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, strict_escapes=True, name="f.conf")
+    assert (info.value.file, info.value.reason) == ("f.conf", reason)
+    assert info.value.line == text.count("\n", 0, text.index("\\")) + 1

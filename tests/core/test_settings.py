@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 
 from execproto import (
@@ -417,3 +419,103 @@ def test_settings_expand_args() -> None:
         settings.expand_args({})
     assert info.value.line == 4
     assert info.value.message == "line 4: execute w: args: unknown variable 'user'"
+
+
+# --- more 2.4 filters (lib-var-expand's expansion-filter.c) ----------------------------------
+
+FILTER_VARS = {"user": "Frank.Miller@Example.org", "n": "3", "e": "", "sep": "."}
+
+
+@pytest.mark.parametrize(
+    ("template", "expected"),
+    [
+        ("%{user | reverse}", "gro.elpmaxE@relliM.knarF"),
+        ("%{user | truncate(5)}", "Frank"),
+        ("%{user | truncate(n)}", "Fra"),
+        ("%{user | truncate(0)}", ""),
+        ("%{user | substr(6)}", "Miller@Example.org"),
+        ("%{user | substr(6, 6)}", "Miller"),
+        ("%{user | substr(-3)}", "org"),
+        ("%{user | substr(0, -4)}", "Frank.Miller@Example"),
+        ("%{user | substr(2, 0)}", ""),
+        ("%{user | index('.', 0)}", "Frank"),
+        ("%{user | index('.', -1)}", "org"),
+        ("%{user | username | index(sep, 1)}", "Miller"),
+        ("%{n | lfill(4)}", "0003"),
+        ("%{n | rfill(4, 'ab')}", "3abab"),  # whole fillers until long enough
+        ("%{user | lfill(2)}", "Frank.Miller@Example.org"),
+        ("%{user | md5}", hashlib.md5(b"Frank.Miller@Example.org").hexdigest()),
+        ("%{user | sha256 | hexlify}",
+         hashlib.sha256(b"Frank.Miller@Example.org").hexdigest()),
+        ("%{user | sha1 | truncate(4)}",
+         hashlib.sha1(b"Frank.Miller@Example.org").digest()[:4].hex()),
+        ("%{user | lower | sha512}", hashlib.sha512(b"frank.miller@example.org").hexdigest()),
+        ("%{n | hexlify}", "33"),
+        ("%{n | hexlify(4)}", "0033"),
+        ("%{user | hexlify(3)}", "467"),
+        # A text filter ends "binary": the raw digest bytes, not hex.
+        ("%{user | sha384 | upper}", hashlib.sha384(
+            b"Frank.Miller@Example.org").digest().upper().decode("utf-8", "surrogateescape")),
+        ("%{e | default(user) | domain}", "Example.org"),
+        ("%{user | truncate( 5 ) | lower}", "frank"),
+    ],
+)
+def test_more_filters(template: str, expected: str) -> None:
+    assert expand_value(template, FILTER_VARS) == expected
+
+
+def test_filters_work_on_utf8_bytes() -> None:
+    # Dovecot's values are bytes: truncating can cut a UTF-8 sequence.
+    assert expand_value("%{v | truncate(1)}", {"v": "é"}) == "\udcc3"
+    assert expand_value("%{v | reverse | reverse}", {"v": "é"}) == "é"
+
+
+@pytest.mark.parametrize(
+    ("template", "match"),
+    [
+        ("%{user | truncate}", r"truncate\(\) takes 1 parameter\(s\), got 0"),
+        ("%{user | truncate(-1)}", "Value of out of bounds"),
+        ("%{user | truncate(user)}", "is not a number"),
+        ("%{user | truncate(nosuch)}", "unknown variable 'nosuch' in truncate"),
+        ("%{user | substr(99)}", "Offset out of bounds"),
+        ("%{user | substr(1, 99)}", "Length out of bounds"),
+        ("%{user | substr(10, -20)}", "Length out of bounds"),
+        ("%{user | index('.', 9)}", "Position out of bounds"),
+        ("%{user | index('', 0)}", "empty separator"),
+        ("%{user | lfill(0)}", "Fill length out of bounds"),
+        ("%{user | lfill(100000)}", "Fill length out of bounds"),
+        ("%{user | rfill(30, '')}", "empty filler"),
+        ("%{user | hexlify(-1)}", "Width out of bounds"),
+        ("%{user | md5(1)}", r"md5\(\) takes 0 parameter"),
+        ("%{user | hash('md5')}", "unknown filter 'hash'"),
+        ("%{user | truncate(bits=3)}", "named parameters are not supported"),
+        ("%{user | truncate(99999999999999999999)}", "expected a number"),
+        ("%{user | truncate(5}", r"expected '\)' after the truncate\(\) argument"),
+    ],
+)
+def test_more_filters_errors(template: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        expand_value(template, FILTER_VARS)
+
+
+# --- variables in paths ---------------------------------------------------------------
+
+
+def test_expand_paths() -> None:
+    settings = ExecuteSettings("qw", unix_socket_path="/run/qw/%{user | username}.sock",
+                               args="95 %{user}")
+    expanded = settings.expand({"user": "frank@example.org"})
+    assert expanded.target() == UnixTarget("/run/qw/frank.sock")
+    assert expanded.args == "95 %{user}"  # args stay a template: split after expanding
+    fork = ExecuteSettings("x", driver="fork", fork_path="/bin/%{user}")
+    assert fork.expand({"user": "u"}).target() == ForkTarget("/bin/u")
+    tcp = ExecuteSettings("x", driver="tcp", tcp_host="%{user | domain}", tcp_port=9)
+    assert tcp.expand({"user": "a@h"}).target() == TcpTarget("h", 9)
+    plain = ExecuteSettings("x", unix_socket_path="100%")
+    assert plain.expand({}) == plain
+
+
+def test_expand_paths_error_names_the_block() -> None:
+    settings = ExecuteSettings("qw", unix_socket_path="/run/%{nosuch}", line=3, file="f.conf")
+    with pytest.raises(ConfigError, match=r"^f.conf line 3: execute qw: unix_socket_path: "):
+        settings.expand({})

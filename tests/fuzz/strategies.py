@@ -190,7 +190,9 @@ def reply_inputs(dot: bool) -> st.SearchStrategy[bytes]:
 
 _KEYS = ["driver", "args", "fork_path", "unix_socket_path", "tcp_host", "tcp_port",
          "execute_driver", "execute_args", "execute_tcp_port", "executable", "execute",
-         "port", "mode", "path", "address", "listen", "base_dir", "user", "bogus", "a b"]
+         "port", "mode", "path", "address", "listen", "base_dir", "user", "bogus", "a b",
+         "quota_warning", "quota_warning2", "welcome_script", "sieve_pipe_socket_dir",
+         "sieve_pipe_bin_dir", '"quoted key"', "unix_listener_mode", "inet_listener_port"]
 _VALUES = ["unix", "fork", "tcp", "script x", "script -e FOO,BAR -p /bin/x a", "script -e",
            "script -q x", "script", "/usr/libexec/dovecot/script /x", "/bin/sh", '"  "', '""',
            "''", "0", "143", "65536", "99999", "²", "٣", "0777", "8", "-1", "%{user}",
@@ -198,10 +200,14 @@ _VALUES = ["unix", "fork", "tcp", "script x", "script -e FOO,BAR -p /bin/x a", "
            "%{user | bogus}", "%%{x}", "%{", "%{user", "%{'x'}", "%{empty|default(user)}",
            "%{user|default('\\x41\\101\\q')}", "localhost:143", "[::1]:25", "[::1",
            "::1", "host:0", "host:x", "*, ::", '"quoted \\" value"', "'single'", '"open',
-           "a #comment", "x\\"]
+           "a #comment", "x\\", "<file.txt", "< /abs", "$ENV:HOME", "'it\\'s'",
+           "storage=95%% quota-warning 95 %u", "-messages=1%% exec:/bin/x %Lu %n",
+           "storage=1%% tcp:[::1]:4 x", "welcome %u %q", "%{user | substr(1, -1) | md5}",
+           "%{user | index('@', -1) | lfill(9, '-')}", "%{user | truncate(99999999999999999999)}"]
 _KINDS = ["execute", "service", "unix_listener", "inet_listener", "welcome", "quota_warning",
-          "protocol", "{", ""]
-_NAMES = ["", "test", "a:1", "[::1]:25", "/abs/path", "x", '"quoted name"', "'q'", "a b"]
+          "protocol", "{", "", "plugin", "quota", "warning", "group @g", "}"]
+_NAMES = ["", "test", "a:1", "[::1]:25", "/abs/path", "x", '"quoted name"', "'q'", "a b",
+          '"User quota"', '"a\\"b"', '"un', "x{", "{ garbage"]
 
 
 @st.composite

@@ -61,9 +61,11 @@ from execproto import (
     UnixTarget,
     find_execute,
     find_service,
+    list_executes,
     parse_config,
     parse_hostport,
     parse_target,
+    sieve_programs,
     tab_escape,
     tab_unescape,
 )
@@ -735,11 +737,29 @@ def check_config(text: str, includes: Sequence[str] = (), base_dir: str = "/run/
                 service = core("config", partial(find_service, root, name, base_dir=base))
             except LocalProtocolError:
                 continue
+            try:
+                effective = base or root.get("base_dir") or "/run/dovecot"
+            except LocalProtocolError:
+                effective = "/"
             for path, mode in service.unix_listeners:
-                require(path.startswith("/") and 0 <= mode <= 0o7777,
-                        f"config: listener {path!r} {mode:o}")
+                # Relative paths join base_dir, which may itself be relative.
+                require((path.startswith("/") or not effective.startswith("/"))
+                        and 0 <= mode <= 0o7777, f"config: listener {path!r} {mode:o}")
             for _, port in service.inet_listeners:
                 require(0 < port <= 65535, f"config: inet port {port}")
+    for filters in ([], ["q"], ["quota_warning", "x"]):
+        for name in sorted(names)[:3]:
+            with contextlib.suppress(LocalProtocolError):
+                found.append(core("config", partial(find_execute, root, name,
+                                                    filters=filters)))
+    for _, listed in core("config", partial(list_executes, root))[:20]:
+        if isinstance(listed, ExecuteSettings):
+            found.append(listed)
+    for extension in ("pipe", "execute"):
+        with contextlib.suppress(LocalProtocolError):
+            found.extend(core("config", partial(sieve_programs, root, extension, "p")))
+    with contextlib.suppress(LocalProtocolError):
+        core("config", lambda: parse_config(text, include=include, strict_escapes=True))
     for settings in found[:20]:
         _check_execute(settings, base_dir)
 

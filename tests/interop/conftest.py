@@ -1,13 +1,16 @@
-"""Fixtures for tests against a private, real Dovecot.
+"""Fixtures for tests against private, real Dovecots.
 
-Without a Dovecot binary, Dovecot's ``script`` binary or root privileges the
-interop tests are skipped, unless the environment variable ``CI`` is set:
-then they fail, so they can never be skipped silently in CI.
+Every test that uses a Dovecot runs once per :data:`dovecot.INSTALLATIONS`
+entry (ids ``2.3.19``, ``2.4.1``, ``2.4.5``), so a failure names the
+version. An installation that is missing (no chroot, no binary, no root) is
+skipped, unless the environment variable ``CI`` is set: then its tests
+fail, so they can never be skipped silently in CI.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -16,16 +19,18 @@ from typing import NoReturn
 import pytest
 
 from .dovecot import (
+    INSTALLATIONS,
+    Installation,
     PrivateDovecot,
     ScriptService,
     StartDovecot,
-    dovecot_binary,
-    script_binary,
 )
 from .tools import FLAVOURS, child_processes, load_flavour
 
 SETTLE = 5.0
 """Seconds child processes may take to go away after a module."""
+
+CHROOTS_SCRIPT = Path(__file__).parents[2] / ".ci" / "chroots"
 
 
 def _unavailable(reason: str) -> NoReturn:
@@ -46,33 +51,45 @@ def flavour(request: pytest.FixtureRequest) -> str:
     return name
 
 
-@pytest.fixture(scope="session")
-def dovecot_path() -> str:
-    """Path of the ``dovecot`` binary; skips (fails under CI) if unusable."""
-    binary = dovecot_binary()
-    if binary is None:
-        _unavailable("dovecot binary not found")
-    if script_binary() is None:
-        _unavailable("Dovecot's script binary not found")
-    if os.geteuid() != 0:
-        _unavailable("a private Dovecot needs root")
-    return binary
+def _mount(installation: Installation) -> None:
+    """Mount /proc and /dev in a built chroot (``.ci/chroots`` only mounts then)."""
+    root = installation.root
+    if installation.chrooted and (root / ".ready").exists() and not os.path.ismount(
+            root / "proc") and os.geteuid() == 0:
+        subprocess.run(["bash", str(CHROOTS_SCRIPT), root.name], env={
+            **os.environ, "EXECPROTO_CHROOTS": str(root.parent)}, timeout=60, check=False)
+
+
+@pytest.fixture(scope="module", params=INSTALLATIONS, ids=[i.label for i in INSTALLATIONS])
+def installation(request: pytest.FixtureRequest) -> Installation:
+    """Each Dovecot in turn; skips (fails under CI) one that is unusable."""
+    found: Installation = request.param
+    _mount(found)
+    problem = found.problem()
+    if problem is not None:
+        _unavailable(problem)
+    return found
 
 
 @pytest.fixture(scope="module")
-def start_dovecot(
-    dovecot_path: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[StartDovecot]:
-    """Return a function that starts a :class:`PrivateDovecot`.
+def workspace(installation: Installation) -> Iterator[Path]:
+    """A directory of the module shared with the installation (same path in both)."""
+    path = installation.workspace()
+    yield path
+    installation.remove_workspace(path)
+
+
+@pytest.fixture(scope="module")
+def start_dovecot(installation: Installation, workspace: Path) -> Iterator[StartDovecot]:
+    """Return a function that starts a :class:`PrivateDovecot` of the installation.
 
     Every instance started through it is stopped at the end of the module.
     """
     started: list[PrivateDovecot] = []
 
     def start(services: Sequence[ScriptService]) -> PrivateDovecot:
-        dovecot = PrivateDovecot(
-            services, directory=tmp_path_factory.mktemp("dovecot"), binary=dovecot_path
-        )
+        directory = workspace / f"dovecot-{len(started)}"
+        dovecot = PrivateDovecot(services, directory=directory, installation=installation)
         started.append(dovecot)
         dovecot.start()
         return dovecot

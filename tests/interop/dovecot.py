@@ -1,10 +1,20 @@
-"""A private Dovecot master that hosts ``script`` services, for interop tests.
+"""Private Dovecot masters that host ``script`` services, for interop tests.
+
+An :class:`Installation` is one Dovecot to test against: a version label, a
+root directory (``/`` for the host's packages, or a Debian chroot built by
+``.ci/chroots``) and how to run a command in it. :data:`INSTALLATIONS` lists
+the three the suite covers: 2.3.19 (the host), 2.4.1 (Debian 13) and 2.4.5
+(Debian sid). Files the tests share with a chrooted Dovecot live in a
+workspace (:meth:`Installation.workspace`) whose path is the same inside and
+outside the chroot, so sockets, scripts and records need no translation.
 
 :class:`PrivateDovecot` writes a minimal ``dovecot.conf`` into its own
 directory and runs ``dovecot -F -c CONF`` as root. Everything the master
 creates (``base_dir``, ``state_dir``, the log file) lives in that directory.
 There are no protocols (no imap/pop3/lmtp listeners), no SSL, and inet
 listeners bind to 127.0.0.1 only, so it never conflicts with a system Dovecot.
+The version-specific configuration text (2.3 or 2.4 syntax) is written by
+:class:`Config23` and :class:`Config24`, and nowhere else.
 
 Each hosted service is described by a :class:`ScriptService` and runs
 Dovecot's ``script`` binary as ``script [-e NAMES] [-p] SCRIPT ARGS...``
@@ -32,8 +42,13 @@ from pathlib import Path
 from types import TracebackType
 
 __all__ = [
+    "INSTALLATIONS",
     "RECORDER_OUTPUT",
     "RECORDER_SOURCE",
+    "Config23",
+    "Config24",
+    "DovecotConfig",
+    "Installation",
     "PrivateDovecot",
     "ScriptService",
     "StartDovecot",
@@ -135,30 +150,493 @@ class ScriptService:
         """The unix listener path, relative to ``base_dir``."""
         return self.unix_listener or self.name
 
-    def config(self, script_binary: Path, port: int | None) -> str:
-        """Return the ``service { }`` block for dovecot.conf."""
+    def words(self, script_binary: Path) -> list[str]:
+        """The ``executable`` line of the service, split into words."""
         words = [str(script_binary)]
         if self.env_allowlist:
             words += ["-e", ",".join(self.env_allowlist)]
         if self.passthrough:
             words.append("-p")
-        words += [str(self.script), *self.args]
+        return [*words, str(self.script), *self.args]
+
+    def config(self, script_binary: Path, port: int | None,
+               syntax: DovecotConfig | None = None) -> str:
+        """Return the ``service { }`` block for dovecot.conf (default: 2.3 syntax)."""
+        return (syntax or Config23()).service(self, script_binary, port)
+
+
+CHROOTS = Path(os.environ.get("EXECPROTO_CHROOTS", "/var/cache/execproto-chroots"))
+"""Where ``.ci/chroots`` builds the Debian chroots (same variable as there)."""
+
+
+class DovecotConfig:
+    """The dovecot.conf text that differs between Dovecot 2.3 and 2.4.
+
+    Every method returns complete lines. :meth:`quota` and :meth:`sieve`
+    use maildir storage; the quota is 10 KB with one warning at 5 %.
+    """
+
+    listen_setting = "address"
+    """The setting of an ``inet_listener`` that holds its address."""
+
+    def head(self, directory: Path, base_dir: Path, log_path: Path) -> str:
+        """Global settings: private directories, no protocols, root everywhere."""
+        return "\n".join([
+            f"base_dir = {_plain(str(base_dir))}",
+            f"state_dir = {_plain(str(directory / 'state'))}",
+            f"log_path = {_plain(str(log_path))}",
+            "protocols =",
+            "listen = 127.0.0.1",
+            "ssl = no",
+            "default_internal_user = root",
+            "default_internal_group = root",
+            "default_login_user = root",
+            "",
+        ])
+
+    def service(self, service: ScriptService, script_binary: Path, port: int | None) -> str:
+        """The ``service { }`` block of a script service."""
         lines = [
-            f"service {_plain(self.name)} {{",
-            f"  executable = {' '.join(_plain(w) for w in words)}",
+            f"service {_plain(service.name)} {{",
+            f"  executable = {' '.join(_plain(w) for w in service.words(script_binary))}",
             "  user = root",
-            f"  unix_listener {_plain(self.listener)} {{",
+            f"  unix_listener {_plain(service.listener)} {{",
             "    mode = 0666",
             "  }",
         ]
         if port is not None:
             lines += [
-                f"  inet_listener {_plain(self.name)} {{",
-                "    address = 127.0.0.1",
+                f"  inet_listener {_plain(service.name)} {{",
+                f"    {self.listen_setting} = 127.0.0.1",
                 f"    port = {port}",
                 "  }",
             ]
         return "\n".join([*lines, "}", ""])
+
+    def quota(self, users: Path, sockets: Path | None = None, fork: Sequence[str] = (),
+              tcp_port: int | None = None) -> str:
+        """Mail users from a passwd-file, a 10 KB quota and its warning at 5 %.
+
+        The warning of user U goes to ``unix:SOCKETS/U.sock`` with args
+        ``10 U``; with ``fork`` (a program and its first args) it runs
+        ``FORK... 10 U`` through the fork driver instead, with ``tcp_port``
+        it goes to 127.0.0.1 on that port.
+        """
+        raise NotImplementedError
+
+    def sieve(self, base_dir: Path, mail_dir: Path, exec_timeout: str = "") -> str:
+        """``sieve-test``'s config: extprograms with sockets under ``base_dir``.
+
+        ``exec_timeout``: ``sieve_pipe_exec_timeout`` (default: Pigeonhole's, 10 s).
+        """
+        raise NotImplementedError
+
+    over_status_field = ""
+    """The userdb field that holds a user's over-quota flag."""
+
+    def welcome(self, users: Path, socket: Path, wait: bool) -> str:
+        """Mail users from a passwd-file and the welcome plugin.
+
+        Creating a user's INBOX sends ``ARGS USER`` to the unix socket
+        ``socket``; ``wait`` is ``welcome_wait``.
+        """
+        raise NotImplementedError
+
+    def quota_over_status(self, users: Path, socket: Path) -> str:
+        """Mail users, a 10 KB quota and its over-quota status script.
+
+        The script is ``unix:SOCKET`` with args ``mismatch USER``, then the
+        flag; the mask is ``TRUE``: a user whose flag (the userdb field
+        :attr:`over_status_field`) is ``TRUE`` but who is under quota runs it
+        as soon as the user is set up (no lazy check).
+        """
+        raise NotImplementedError
+
+    def lda_redirect(self, base_dir: Path, mail_dir: Path, script: Path, port: int) -> str:
+        """``dovecot-lda``'s config: run ``script``, submit over SMTP to ``port``."""
+        raise NotImplementedError
+
+
+class Config23(DovecotConfig):
+    """Dovecot 2.3: ``plugin { }`` strings and ``%u`` variables."""
+
+    def quota(self, users: Path, sockets: Path | None = None, fork: Sequence[str] = (),
+              tcp_port: int | None = None) -> str:
+        # The rule, then the target (a ':' makes a scheme), then args; %u
+        # also picks the socket, so each user can have its own.
+        if fork:
+            target = " ".join(_plain(w) for w in [f"exec:{fork[0]}", *fork[1:]])
+        elif tcp_port is not None:
+            target = f"tcp:127.0.0.1:{tcp_port}"
+        else:
+            assert sockets is not None
+            target = f"unix:{_plain(str(sockets))}/%u.sock"
+        return f"""
+mail_location = maildir:~/Maildir
+mail_plugins = quota
+passdb {{
+  driver = passwd-file
+  args = {_plain(str(users))}
+}}
+userdb {{
+  driver = passwd-file
+  args = {_plain(str(users))}
+}}
+plugin {{
+  quota = maildir:User quota
+  quota_rule = *:storage=10K
+  quota_warning = storage=5%% {target} 10 %u
+}}
+"""
+
+    def sieve(self, base_dir: Path, mail_dir: Path, exec_timeout: str = "") -> str:
+        timeout = f"  sieve_pipe_exec_timeout = {_plain(exec_timeout)}\n" if exec_timeout else ""
+        return f"""\
+base_dir = {_plain(str(base_dir))}
+mail_location = maildir:{_plain(str(mail_dir))}
+plugin {{
+  sieve_plugins = sieve_extprograms
+  sieve_extensions = +vnd.dovecot.filter +vnd.dovecot.execute +vnd.dovecot.pipe
+  sieve_filter_socket_dir = sieve-filter
+  sieve_execute_socket_dir = sieve-execute
+  sieve_pipe_socket_dir = sieve-pipe
+{timeout}}}
+"""
+
+    over_status_field = "quota_over_flag"
+
+    @staticmethod
+    def _users(users: Path, plugins: str) -> str:
+        return f"""
+mail_location = maildir:~/Maildir
+mail_plugins = {plugins}
+passdb {{
+  driver = passwd-file
+  args = {_plain(str(users))}
+}}
+userdb {{
+  driver = passwd-file
+  args = {_plain(str(users))}
+}}
+"""
+
+    def welcome(self, users: Path, socket: Path, wait: bool) -> str:
+        return self._users(users, "welcome") + f"""\
+plugin {{
+  welcome_script = {_plain(str(socket))} hello %u
+  welcome_wait = {"yes" if wait else "no"}
+}}
+"""
+
+    def quota_over_status(self, users: Path, socket: Path) -> str:
+        return self._users(users, "quota") + f"""\
+plugin {{
+  quota = maildir:User quota
+  quota_rule = *:storage=10K
+  quota_over_script = unix:{_plain(str(socket))} mismatch %u
+  quota_over_flag_value = TRUE
+}}
+"""
+
+    def lda_redirect(self, base_dir: Path, mail_dir: Path, script: Path, port: int) -> str:
+        return f"""\
+base_dir = {_plain(str(base_dir))}
+mail_location = maildir:{_plain(str(mail_dir))}
+protocol lda {{
+  mail_plugins = sieve
+}}
+plugin {{
+  sieve = file:{_plain(str(script))}
+}}
+submission_host = 127.0.0.1:{port}
+"""
+
+
+class Config24(DovecotConfig):
+    """Dovecot 2.4: versioned config, named filters, ``execute`` blocks, ``%{user}``."""
+
+    listen_setting = "listen"
+    versions = "dovecot_config_version = 2.4.0\ndovecot_storage_version = 2.4.0\n"
+
+    def head(self, directory: Path, base_dir: Path, log_path: Path) -> str:
+        return self.versions + super().head(directory, base_dir, log_path)
+
+    def quota(self, users: Path, sockets: Path | None = None, fork: Sequence[str] = (),
+              tcp_port: int | None = None) -> str:
+        if fork:
+            driver = [
+                "driver = fork",
+                f"fork_path = {_plain(fork[0])}",
+                f"args = {' '.join(_plain(w) for w in fork[1:])} 10 %{{user}}",
+            ]
+        elif tcp_port is not None:
+            driver = [
+                "driver = tcp",
+                "tcp_host = 127.0.0.1",
+                f"tcp_port = {tcp_port}",
+                "args = 10 %{user}",
+            ]
+        else:
+            assert sockets is not None
+            driver = [
+                "driver = unix",
+                f"unix_socket_path = {_plain(str(sockets))}/%{{user}}.sock",
+                "args = 10 %{user}",
+            ]
+        execute = "\n".join(f"      {line}" for line in driver)
+        return f"""
+mail_driver = maildir
+mail_path = ~/Maildir
+mail_plugins {{
+  quota = yes
+}}
+passdb passwd-file {{
+  passwd_file_path = {_plain(str(users))}
+}}
+userdb passwd-file {{
+  passwd_file_path = {_plain(str(users))}
+}}
+quota "User quota" {{
+  storage_size = 10K
+  warning warn-5 {{
+    quota_storage_percentage = 5
+    execute quota-warning {{
+{execute}
+    }}
+  }}
+}}
+"""
+
+    def sieve(self, base_dir: Path, mail_dir: Path, exec_timeout: str = "") -> str:
+        timeout = f"sieve_pipe_exec_timeout = {_plain(exec_timeout)}\n" if exec_timeout else ""
+        return self.versions + timeout + f"""\
+base_dir = {_plain(str(base_dir))}
+mail_driver = maildir
+mail_path = {_plain(str(mail_dir))}
+sieve_plugins {{
+  sieve_extprograms = yes
+}}
+sieve_extensions {{
+  vnd.dovecot.filter = yes
+  vnd.dovecot.execute = yes
+  vnd.dovecot.pipe = yes
+}}
+sieve_filter_socket_dir = sieve-filter
+sieve_execute_socket_dir = sieve-execute
+sieve_pipe_socket_dir = sieve-pipe
+"""
+
+    over_status_field = "quota_over_status_current"
+
+    @staticmethod
+    def _users(users: Path, plugin: str) -> str:
+        return f"""
+mail_driver = maildir
+mail_path = ~/Maildir
+mail_plugins {{
+  {plugin} = yes
+}}
+passdb passwd-file {{
+  passwd_file_path = {_plain(str(users))}
+}}
+userdb passwd-file {{
+  passwd_file_path = {_plain(str(users))}
+}}
+"""
+
+    def welcome(self, users: Path, socket: Path, wait: bool) -> str:
+        return self._users(users, "welcome") + f"""\
+welcome {{
+  wait = {"yes" if wait else "no"}
+  execute welcome {{
+    unix_socket_path = {_plain(str(socket))}
+    args = hello %{{user}}
+  }}
+}}
+"""
+
+    def quota_over_status(self, users: Path, socket: Path) -> str:
+        return self._users(users, "quota") + f"""\
+quota "User quota" {{
+  storage_size = 10K
+  quota_over_status_mask = TRUE
+  quota_over_status {{
+    execute over {{
+      unix_socket_path = {_plain(str(socket))}
+      args = mismatch %{{user}}
+    }}
+  }}
+}}
+"""
+
+    def lda_redirect(self, base_dir: Path, mail_dir: Path, script: Path, port: int) -> str:
+        return self.versions + f"""\
+base_dir = {_plain(str(base_dir))}
+mail_driver = maildir
+mail_path = {_plain(str(mail_dir))}
+protocol lda {{
+  mail_plugins {{
+    sieve = yes
+  }}
+}}
+sieve_script personal {{
+  type = personal
+  driver = file
+  path = {_plain(str(script))}
+}}
+submission_host = 127.0.0.1:{port}
+"""
+
+
+@dataclass(frozen=True)
+class Installation:
+    """One Dovecot to test against.
+
+    Attributes:
+        label: The version the tests are parametrized with (``2.4.1``);
+            ``dovecot --version`` must start with it.
+        root: ``/`` for the host's packages, else a chroot (``.ci/chroots``)
+            that holds Dovecot and a ``python3`` for the scripts.
+    """
+
+    label: str
+    root: Path
+
+    @property
+    def chrooted(self) -> bool:
+        return self.root != Path("/")
+
+    @property
+    def version(self) -> tuple[int, ...]:
+        return tuple(int(part) for part in self.label.split("."))
+
+    @property
+    def config(self) -> DovecotConfig:
+        """The configuration syntax of this version."""
+        return Config24() if self.version >= (2, 4) else Config23()
+
+    def command(self, argv: Sequence[str], *, user: int | None = None) -> list[str]:
+        """``argv`` (absolute program path) run in this installation.
+
+        ``user``: run it as that uid and gid (no supplementary groups); only
+        for the chroots, the host's callers pass ``user=`` to subprocess.
+        """
+        if not self.chrooted:
+            assert user is None, "pass user= to subprocess on the host"
+            return list(argv)
+        options = [] if user is None else [f"--userspec={user}:{user}", f"--groups={user}"]
+        return ["chroot", *options, str(self.root), *argv]
+
+    def host_path(self, path: Path | str) -> Path:
+        """Where an absolute path of the installation is on the host."""
+        return self.root / Path(path).relative_to("/")
+
+    @property
+    def python(self) -> str:
+        """The interpreter for scripts that its services run."""
+        return "/usr/bin/python3" if self.chrooted else sys.executable
+
+    def dovecot_binary(self) -> str | None:
+        if not self.chrooted:
+            return dovecot_binary()
+        found = "/usr/sbin/dovecot"
+        return found if os.access(self.host_path(found), os.X_OK) else None
+
+    def script_binary(self) -> Path | None:
+        """Dovecot's ``script`` binary, as a path inside the installation."""
+        if not self.chrooted:
+            return script_binary()
+        for directory in ("/usr/lib/dovecot", "/usr/libexec/dovecot"):
+            if os.access(self.host_path(directory) / "script", os.X_OK):
+                return Path(directory) / "script"
+        return None
+
+    def tool(self, name: str) -> str | None:
+        """The path (inside) of a Dovecot tool such as ``doveadm``, or None."""
+        if not self.chrooted:
+            found = shutil.which(name) or f"/usr/bin/{name}"
+            return found if os.access(found, os.X_OK) else None
+        found = f"/usr/bin/{name}"
+        return found if os.access(self.host_path(found), os.X_OK) else None
+
+    def problem(self) -> str | None:
+        """Why this installation cannot be used, or None."""
+        if os.geteuid() != 0:
+            return "a private Dovecot needs root"
+        binary = self.dovecot_binary()
+        if binary is None:
+            return f"Dovecot {self.label}: dovecot binary not found under {self.root}"
+        if self.script_binary() is None:
+            return f"Dovecot {self.label}: script binary not found under {self.root}"
+        if self.chrooted and not os.access(self.host_path(self.python), os.X_OK):
+            return f"Dovecot {self.label}: no {self.python} under {self.root}"
+        if self.chrooted and not os.path.ismount(self.host_path("/proc")):
+            return f"Dovecot {self.label}: /proc is not mounted in {self.root} (run .ci/chroots)"
+        try:
+            found = subprocess.run(self.command([binary, "--version"]), capture_output=True,
+                                   text=True, timeout=10, check=False).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"Dovecot {self.label}: {binary} --version failed: {exc}"
+        if not re.match(re.escape(self.label) + r"\b", found):
+            return f"Dovecot {self.label}: {self.root} has version {found!r}"
+        return None
+
+    def workspace(self, prefix: str = "execproto-interop-") -> Path:
+        """A new directory (mode 0755) that has the same path inside and outside.
+
+        In a chroot the directory is ``ROOT/tmp/NAME`` and the host gets a
+        symbolic link ``/tmp/NAME`` to it. Remove it with
+        :meth:`remove_workspace`.
+        """
+        prefix = f"{prefix}{self.label}-"
+        if not self.chrooted:
+            path = Path(tempfile.mkdtemp(prefix=prefix))
+            path.chmod(0o755)
+            return path
+        real = Path(tempfile.mkdtemp(prefix=prefix, dir=self.host_path("/tmp")))
+        real.chmod(0o755)
+        link = Path("/tmp") / real.name
+        link.symlink_to(real)
+        return link
+
+    @staticmethod
+    def remove_workspace(path: Path) -> None:
+        """Remove a directory made by :meth:`workspace` (and its link)."""
+        if path.is_symlink():
+            real = path.resolve()
+            path.unlink()
+            shutil.rmtree(real, ignore_errors=True)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def provide_execproto(self, directory: Path) -> Path | None:
+        """Make execproto's core importable by scripts run in the installation.
+
+        Returns a directory for ``sys.path`` (a copy of the package under
+        ``directory``), or None on the host, where scripts run with the
+        test's own interpreter.
+        """
+        if not self.chrooted:
+            return None
+        import typing_extensions
+
+        import execproto
+
+        target = directory / "lib"
+        if not (target / "execproto").exists():
+            shutil.copytree(Path(execproto.__file__).parent, target / "execproto",
+                            ignore=shutil.ignore_patterns("__pycache__", "adapters"))
+            # The core's one dependency, a single module.
+            shutil.copy(typing_extensions.__file__, target)
+        return target
+
+
+INSTALLATIONS = (
+    Installation("2.3.19", Path("/")),
+    Installation("2.4.1", CHROOTS / "trixie"),
+    Installation("2.4.5", CHROOTS / "sid"),
+)
+"""The Dovecot versions the interop tests run against, oldest first."""
 
 
 def _free_port() -> int:
@@ -226,7 +704,9 @@ class PrivateDovecot:
     """A private Dovecot master hosting :class:`ScriptService` entries.
 
     Use it as a context manager, or call :meth:`start` and :meth:`stop`.
-    It must run as root. If no directory is given, a temporary one is
+    It must run as root. ``installation`` is the Dovecot it runs (default:
+    the host's); a directory given for a chrooted one must be in a
+    :meth:`Installation.workspace`. If no directory is given, a temporary one is
     created and removed again by :meth:`stop`.
 
     ``extra_config`` is appended to the generated dovecot.conf (for mail
@@ -242,7 +722,7 @@ class PrivateDovecot:
         self,
         services: Sequence[ScriptService],
         directory: Path | None = None,
-        binary: str | None = None,
+        installation: Installation = INSTALLATIONS[0],
         extra_config: str = "",
         wait_for: Sequence[str] = (),
     ) -> None:
@@ -255,7 +735,8 @@ class PrivateDovecot:
         self.directory = (
             Path(tempfile.mkdtemp(prefix="dovecot-")) if directory is None else directory
         )
-        self.binary = binary or dovecot_binary() or "/usr/sbin/dovecot"
+        self.installation = installation
+        self.binary = installation.dovecot_binary() or "/usr/sbin/dovecot"
         self.base_dir = self.directory / "run"
         self.config_path = self.directory / "dovecot.conf"
         self.log_path = self.directory / "dovecot.log"
@@ -276,23 +757,13 @@ class PrivateDovecot:
 
     def config_text(self) -> str:
         """Return the complete dovecot.conf this instance runs with."""
-        script = script_binary()
+        script = self.installation.script_binary()
         if script is None:
-            raise FileNotFoundError("Dovecot's script binary was not found")
-        head = [
-            f"base_dir = {_plain(str(self.base_dir))}",
-            f"state_dir = {_plain(str(self.directory / 'state'))}",
-            f"log_path = {_plain(str(self.log_path))}",
-            "protocols =",
-            "listen = 127.0.0.1",
-            "ssl = no",
-            "default_internal_user = root",
-            "default_internal_group = root",
-            "default_login_user = root",
-            "",
-        ]
-        blocks = [s.config(script, self.ports.get(s.name)) for s in self.services]
-        return "\n".join(head) + "\n".join(blocks) + self.extra_config
+            raise FileNotFoundError(f"Dovecot {self.installation.label}: no script binary")
+        config = self.installation.config
+        head = config.head(self.directory, self.base_dir, self.log_path)
+        blocks = [s.config(script, self.ports.get(s.name), config) for s in self.services]
+        return head + "\n".join(blocks) + self.extra_config
 
     def log_text(self) -> str:
         """Return the Dovecot log so far, latin-1 decoded."""
@@ -346,7 +817,7 @@ class PrivateDovecot:
             (self.base_dir / service.listener).parent.mkdir(parents=True, exist_ok=True)
         with self.stderr_path.open("wb") as stderr:
             self._process = subprocess.Popen(
-                [self.binary, "-F", "-c", str(self.config_path)],
+                self.installation.command([self.binary, "-F", "-c", str(self.config_path)]),
                 stdin=subprocess.DEVNULL,
                 stdout=stderr,
                 stderr=stderr,
@@ -358,11 +829,12 @@ class PrivateDovecot:
             if self._process.poll() is not None:
                 log = self._startup_output()
                 self.stop()
-                raise RuntimeError(f"dovecot exited early:\n{log}")
+                raise RuntimeError(f"Dovecot {self.installation.label} exited early:\n{log}")
             if time.monotonic() > deadline:
                 log = self._startup_output()
                 self.stop()
-                raise RuntimeError(f"dovecot listeners not ready in {START_TIMEOUT}s:\n{log}")
+                raise RuntimeError(f"Dovecot {self.installation.label}: listeners not ready "
+                                   f"in {START_TIMEOUT}s:\n{log}")
             time.sleep(0.05)
 
     def _ready(self) -> bool:
@@ -461,11 +933,11 @@ def write_script(path: Path, text: str, executable: bool = True) -> Path:
     return path
 
 
-def write_recorder(path: Path) -> Path:
+def write_recorder(path: Path, python: str = sys.executable) -> Path:
     """Write the recorder script (see :data:`RECORDER_SOURCE`) to ``path``.
 
-    The shebang is the running interpreter's absolute path, since scripts
-    run with an empty environment (no ``PATH``).
+    The shebang is ``python``, an absolute path (default: the running
+    interpreter), since scripts run with an empty environment (no ``PATH``).
     """
-    source = RECORDER_SOURCE.format(python=sys.executable, output=RECORDER_OUTPUT)
+    source = RECORDER_SOURCE.format(python=python, output=RECORDER_OUTPUT)
     return write_script(path, source)

@@ -1,6 +1,7 @@
 """execproto's clients (every flavour, unix and tcp) against Dovecot's own service.
 
-One private Dovecot 2.3.19 serves the module with three ``script`` services:
+For each installation (2.3.19, 2.4.1, 2.4.5), one private Dovecot serves the
+module with three ``script`` services:
 
 * ``raw``: the probe (see :data:`tools.PROBE_SOURCE`) with ``-e FOO,BAR,TABBY``,
   reached over unix;
@@ -28,7 +29,7 @@ import pytest
 
 from execproto import ErrorKind, Status
 
-from .dovecot import PrivateDovecot, ScriptService, StartDovecot
+from .dovecot import Installation, PrivateDovecot, ScriptService, StartDovecot
 from .tools import (
     RUN_LIMIT,
     cli,
@@ -46,9 +47,15 @@ BIG = 4 * 1024 * 1024
 # as b"\x01" (PROTOCOL.md 2.8.2): Dovecot must unescape each to the same text.
 ARGS = ["with space", "tab\there", "new\nline", "soh\x01x", "", "cr\rend", "last"]
 ENV = {"FOO": "foo", "BAR": "x=y", "TABBY": "a\tb", "NOPE": "not allowed"}
-# What Dovecot 2.3.19 gives the script (PROTOCOL.md 2.6): TABBY needed an
-# escape, so the 2.3.19-2.4.2 bug drops it; NOPE is not on the allowlist.
-ENV_2_3_19 = {"FOO": "foo", "BAR": "x=y"}
+# What the script gets (PROTOCOL.md 2.6): NOPE is not on the allowlist;
+# TABBY needed an escape, so the 2.3.19-2.4.2 bug drops it, 2.4.3+ keep it.
+ENV_DROPPED = {"FOO": "foo", "BAR": "x=y"}
+ENV_KEPT = {"FOO": "foo", "BAR": "x=y", "TABBY": "a\tb"}
+
+
+def env_seen(installation: Installation) -> dict[str, str]:
+    """The script environment ``ENV`` gives on ``installation``."""
+    return ENV_KEPT if installation.version >= (2, 4, 3) else ENV_DROPPED
 
 
 @dataclass
@@ -58,6 +65,7 @@ class Setup:
     dovecot: PrivateDovecot
     probe: Path
     records: dict[str, Path]
+    installation: Installation
 
     def target(self, transport: str, service: str | None = None) -> str:
         """The client target of ``service`` (default: the probe of ``transport``)."""
@@ -79,9 +87,10 @@ class Setup:
 
 
 @pytest.fixture(scope="module")
-def setup(start_dovecot: StartDovecot, module_dir: Path) -> Setup:
-    probe = write_probe(module_dir / "probe.py")
-    records = {name: module_dir / f"records-{name}" for name in ("raw", "dot")}
+def setup(installation: Installation, start_dovecot: StartDovecot, workspace: Path) -> Setup:
+    probe = write_probe(workspace / "probe.py", installation.python,
+                        installation.provide_execproto(workspace))
+    records = {name: workspace / f"records-{name}" for name in ("raw", "dot")}
     for directory in records.values():
         directory.mkdir()
     dovecot = start_dovecot(
@@ -93,7 +102,7 @@ def setup(start_dovecot: StartDovecot, module_dir: Path) -> Setup:
             ScriptService("cat", Path("/bin/cat"), inet_listener=True),
         ]
     )
-    result = Setup(dovecot, probe, records)
+    result = Setup(dovecot, probe, records, installation)
     # One good exchange per service first: the master throttles a service
     # whose first processes fail (see test_dovecot_vectors.py).
     for transport in TRANSPORTS:
@@ -125,7 +134,7 @@ def test_args_env_and_payload(setup: Setup, flavour: str, transport: str) -> Non
     assert result.output == output_of(transport, b"recorded\n")
     record = only_record(records)
     assert record["argv"] == [*setup.prefix(transport), "record", *ARGS]
-    assert record["env"] == ENV_2_3_19
+    assert record["env"] == env_seen(setup.installation)
     # tcp: the payload went through the client's encoder and the probe's
     # decoder, so the script sees its documented dot transformation.
     want = payload if transport == "unix" else dot_transform(payload)

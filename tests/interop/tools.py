@@ -10,6 +10,9 @@
   client argument; behind TCP it speaks dot framing.
 * :func:`dot_transform` is the documented effect of dot framing on data
   (PROTOCOL.md 5.4), written independently of execproto's codec.
+* :class:`RecordingService` listens where a Dovecot client connects and
+  keeps the raw bytes of each request (no ``script`` service, no script):
+  what a client sends, byte for byte.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -44,6 +48,7 @@ __all__ = [
     "PROBE_SOURCE",
     "RUN_LIMIT",
     "GuardTimeout",
+    "RecordingService",
     "ServeProcess",
     "child_processes",
     "cli",
@@ -320,6 +325,7 @@ import json
 import os
 import sys
 
+sys.path[:0] = {path!r}
 record_dir, framing, action = sys.argv[1:4]
 if framing == "auto":
     import socket
@@ -388,12 +394,18 @@ elif action == "fail":
 else:
     send(b"recorded\\n")
 '''
-"""Source of the probe script; format with ``python``."""
+"""Source of the probe script; format with ``python`` and ``path`` (a list
+of directories to import from first)."""
 
 
-def write_probe(path: Path) -> Path:
-    """Write the probe script (absolute shebang: scripts run without PATH)."""
-    return write_script(path, PROBE_SOURCE.format(python=sys.executable))
+def write_probe(path: Path, python: str = sys.executable, import_from: Path | None = None) -> Path:
+    """Write the probe script (absolute shebang: scripts run without PATH).
+
+    ``python`` runs it; ``import_from`` is a directory that holds the
+    ``execproto`` package when ``python`` cannot import it otherwise.
+    """
+    extra = [] if import_from is None else [str(import_from)]
+    return write_script(path, PROBE_SOURCE.format(python=python, path=extra))
 
 
 def read_records(directory: Path, pattern: str = "*.json") -> list[dict[str, Any]]:
@@ -430,3 +442,100 @@ def dot_transform(data: bytes) -> bytes:
     data = re.sub(rb"\r(?=\.)", b"\r\n", data)
     data = re.sub(rb"(?<!\r)\n", b"\r\n", data)
     return data.removesuffix(b"\r\n")
+
+
+# --- a recording service -------------------------------------------------------------
+
+
+class RecordingService:
+    """A unix (or tcp) listener that records the raw bytes of every request.
+
+    Each connection is read to EOF (a noreply client closes, a reply-mode
+    client half-closes), its bytes appended to :attr:`requests`, then
+    ``reply`` is sent (``None``: the connection is just closed) and the
+    connection closed. A unix socket is made mode 0666 (Dovecot's clients
+    connect as the mail user). Use it as a context manager; :meth:`wait`
+    bounds every wait.
+
+    Args:
+        path: the unix socket to listen on; ``None`` for tcp on 127.0.0.1.
+        reply: what to answer after the request, e.g. ``b"+\\n"``.
+        header_only: stop reading at the end of the header (the first empty
+            line) instead of at EOF: for a client that never half-closes
+            (2.3's welcome plugin) and sends no payload.
+        delay: seconds to wait before replying (a slow script).
+    """
+
+    def __init__(self, path: Path | None, reply: bytes | None = b"+\n", *,
+                 header_only: bool = False, delay: float = 0.0) -> None:
+        if path is None:
+            self.listener = socket.create_server(("127.0.0.1", 0))
+            self.port: int = self.listener.getsockname()[1]
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            self.listener = socket.socket(socket.AF_UNIX)
+            self.listener.bind(str(path))
+            path.chmod(0o666)
+            self.listener.listen(16)
+        self.path = path
+        self.listener.settimeout(0.1)
+        self.reply = reply
+        self.header_only = header_only
+        self.delay = delay
+        self.requests: list[bytes] = []
+        self.changed = threading.Condition()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                connection, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            data = b""
+            with connection:
+                connection.settimeout(RUN_LIMIT)
+                with contextlib.suppress(OSError):
+                    while chunk := connection.recv(65536):
+                        data += chunk
+                        if self.header_only and b"\n\n" in data:
+                            break
+                    if self.delay:
+                        self._stop.wait(self.delay)
+                    if self.reply is not None:
+                        connection.sendall(self.reply)
+            with self.changed:
+                self.requests.append(data)
+                self.changed.notify_all()
+
+    def wait(self, count: int = 1, timeout: float = RUN_LIMIT) -> list[bytes]:
+        """The first ``count`` requests, once they are complete (bounded).
+
+        Raises:
+            AssertionError: fewer requests within ``timeout`` seconds.
+        """
+        with self.changed:
+            if not self.changed.wait_for(lambda: len(self.requests) >= count, timeout):
+                raise AssertionError(f"{len(self.requests)} of {count} requests recorded")
+            return list(self.requests[:count])
+
+    def close(self) -> None:
+        """Stop listening (bounded); removes the socket file."""
+        self._stop.set()
+        self._thread.join(RUN_LIMIT)
+        self.listener.close()
+        if self.path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+    def __enter__(self) -> RecordingService:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,1 @@
+"""Tests of execproto trace: the observer, the tap, and Dovecot's clients through it."""
