@@ -17,7 +17,9 @@ base64-encoded.  Jobs:
     receives at once and checks the echoed bytes as they arrive.
 ``client``
     Sequential requests (concurrency 1) made through the library's ``run()``
-    of one flavour, or through a minimal blocking raw-socket client.
+    of one flavour (the asyncio and trio ones all in one event loop), or
+    through a minimal blocking raw-socket client (connect, send, half-close,
+    read to EOF).
 ``fork``
     Sequential ``run("exec:/bin/true")`` of one flavour, or a bare
     ``os.posix_spawn`` + ``os.waitpid``.
@@ -420,23 +422,28 @@ def _run_flavour(flavour: str, make_call: Callable[[Any], Any], check: Callable[
     if flavour not in ("blocking", "asyncio", "trio"):
         raise Failure(f"unknown flavour {flavour!r}")
     module = importlib.import_module(f"execproto.adapters.{flavour}")
+    result: Job
     if flavour == "blocking":
 
         def call() -> None:
             check(make_call(module))
 
-        return _timed_loop(call, warmup, duration)
+        result = _timed_loop(call, warmup, duration)
+    else:
 
-    async def acall() -> None:
-        check(await make_call(module))
+        async def acall() -> None:
+            check(await make_call(module))
 
-    if flavour == "asyncio":
-        import asyncio
+        if flavour == "asyncio":
+            import asyncio
 
-        return asyncio.run(_timed_loop_async(acall, warmup, duration))
-    import trio
+            result = asyncio.run(_timed_loop_async(acall, warmup, duration))
+        else:
+            import trio
 
-    result: Job = trio.run(_timed_loop_async, acall, warmup, duration)
+            result = trio.run(_timed_loop_async, acall, warmup, duration)
+    # Which checkout was measured: the caller checks it is the one it meant.
+    result["module"] = module.__file__
     return result
 
 

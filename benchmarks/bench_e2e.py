@@ -4,6 +4,14 @@ Run from the repository root, as root (a private Dovecot master needs it)::
 
     python benchmarks/bench_e2e.py            # 6 rounds, about 8 minutes
     python benchmarks/bench_e2e.py --quick    # 2 short rounds, about 1 minute
+    python benchmarks/bench_e2e.py --baseline ../old/.venv/bin/python
+        # every execproto row also for the checkout that interpreter imports
+
+With ``--baseline PYTHON``, every flavour's service and client are also
+started with PYTHON (the interpreter of another checkout's venv): those
+rows are the "before", this checkout's the "after".  Each before/after pair
+runs back to back, in an order that alternates from round to round, and a
+last section gives the after/before ratios.
 
 In one process tree, on unix sockets in a temporary directory and on
 127.0.0.1, it starts
@@ -44,6 +52,7 @@ import dataclasses
 import datetime
 import importlib
 import json
+import math
 import os
 import platform
 import random
@@ -108,6 +117,11 @@ EXECPROTO_MAX_CONNECTIONS = DOVECOT_PROCESS_LIMIT
 
 HEADER = b"VERSION\tscript\t4\t0\n-\n\n"
 ECHO_PAYLOAD = random.Random(1).randbytes(1024)
+#: 1 KiB of CRLF text for tcp, where the payload is dot-framed: no line
+#: starts with a dot, so the framed payload is the text plus the end line.
+TCP_TEXT = b"".join(
+    bytes(random.Random(2).choices(b"abcdefghijklmnopqrstuvwxyz0123456789 ", k=62)) + b"\r\n"
+    for _ in range(16))
 CONCURRENCY = (1, 16, 64)
 
 GOAL_EVERY = 2.0
@@ -116,6 +130,23 @@ GOAL_STREAM = 0.95
 GOAL_FORK = 1.3
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+#: ``--baseline``: server CPU per request may grow at most this much (after/before).
+GOAL_SERVER_CPU = 1.03
+#: ``--baseline``: asyncio/trio client CPU per run over a raw socket, at most (s).
+GOAL_CLIENT_OVERHEAD = 250e-6
+#: The side of a row measured with ``--baseline``'s interpreter.
+BEFORE = "before"
+
+
+def sided(name: str, side: str) -> str:
+    """The key of a service or client variant on *side* ("" is this checkout)."""
+    return f"{name}-{side}" if side else name
+
+
+def side_label(label: str, side: str) -> str:
+    """A row label, marked if it is the baseline's."""
+    return f"{label} ({side})" if side else label
 
 
 # --- the ceiling service -----------------------------------------------------------
@@ -238,6 +269,27 @@ def tree_cpu(roots: Sequence[int]) -> TreeCpu:
     return TreeCpu(total / CLK_TCK, count)
 
 
+def own_cpu(roots: Sequence[int]) -> dict[tuple[int, int], int]:
+    """Nanoseconds each thread of the *roots* themselves has run (``schedstat``).
+
+    The services' own share of a request, without the scripts they reap,
+    at a finer grain than the clock ticks of ``stat``.
+    """
+    times: dict[tuple[int, int], int] = {}
+    for pid in roots:
+        with contextlib.suppress(OSError):
+            for task in os.scandir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError, ValueError, IndexError), \
+                        open(f"/proc/{pid}/task/{task.name}/schedstat", "rb") as f:
+                    times[(pid, int(task.name))] = int(f.read().split()[0])
+    return times
+
+
+def own_cpu_used(before: dict[tuple[int, int], int], after: dict[tuple[int, int], int]) -> float:
+    """Seconds run between two :func:`own_cpu` readings (a thread that ended is not counted)."""
+    return sum(ns - before.get(task, 0) for task, ns in after.items()) / 1e9
+
+
 def settle(roots: Sequence[int], limit: float = 5.0) -> TreeCpu:
     """Wait until the trees use no CPU and keep their size; return the final reading."""
     deadline = time.monotonic() + limit
@@ -281,6 +333,10 @@ class Server:
     roots: list[int] = field(default_factory=list)
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     logs: list[Path] = field(default_factory=list)
+    #: The adapter for an execproto service, else "".
+    flavour: str = ""
+    #: "" for this checkout, :data:`BEFORE` for the ``--baseline`` one.
+    side: str = ""
 
     def target(self, name: str) -> list[Any]:
         """The load generator's address of script *name*."""
@@ -288,7 +344,7 @@ class Server:
             return ["unix", self.noop]
         if name == "cat":
             return ["unix", self.cat]
-        return ["tcp", *self.cat_tcp]
+        return ["tcp", *self.cat_tcp]  # "tcp": the cat script over tcp
 
 
 def _wait_listening(paths: Sequence[str], ports: Sequence[int],
@@ -326,19 +382,22 @@ def _spawn_python(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
                                 cwd=REPO, start_new_session=True)
 
 
-def start_execproto(flavour: str, tmp: Path, noop_script: Path) -> Server:
-    """``execproto serve --adapter FLAVOUR``: one process per script."""
+def start_execproto(flavour: str, tmp: Path, noop_script: Path, python: str = sys.executable,
+                    side: str = "") -> Server:
+    """``execproto serve --adapter FLAVOUR`` run by *python*: one process per script."""
     port = _free_port()
-    server = Server(flavour, f"execproto {flavour}", str(tmp / f"{flavour}-noop.sock"),
-                    str(tmp / f"{flavour}-cat.sock"), ("127.0.0.1", port))
-    common = [sys.executable, "-m", "execproto", "serve", "--adapter", flavour,
+    key = sided(flavour, side)
+    server = Server(key, side_label(f"execproto {flavour}", side), str(tmp / f"{key}-noop.sock"),
+                    str(tmp / f"{key}-cat.sock"), ("127.0.0.1", port), flavour=flavour,
+                    side=side)
+    common = [python, "-m", "execproto", "serve", "--adapter", flavour,
               "--log-level", "WARNING", "--max-connections", str(EXECPROTO_MAX_CONNECTIONS),
               "--mode", "0666"]
     for argv, name in (
         ([*common, "--unix", server.noop, str(noop_script)], "noop"),
         ([*common, "--unix", server.cat, "--tcp", f"127.0.0.1:{port}", "/bin/cat"], "cat"),
     ):
-        log = tmp / f"{flavour}-{name}.log"
+        log = tmp / f"{key}-{name}.log"
         server.logs.append(log)
         server.processes.append(_spawn_python(argv, log))
     server.roots = [p.pid for p in server.processes]
@@ -407,9 +466,9 @@ def stop_processes(processes: Sequence[subprocess.Popen[bytes]]) -> None:
 class LoadGenerator:
     """``benchmarks/_load.py`` as a child process, driven by JSON lines."""
 
-    def __init__(self) -> None:
+    def __init__(self, python: str = sys.executable) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, str(HERE / "_load.py")], stdin=subprocess.PIPE,
+            [python, str(HERE / "_load.py")], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, cwd=REPO)
 
     def call(self, job: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -460,6 +519,8 @@ class Plan:
     stream_tcp: int
     micro: float
     sections: frozenset[str]
+    workloads: tuple[str, ...] = ("noop", "cat")
+    concurrency: tuple[int, ...] = CONCURRENCY
 
 
 FULL = Plan(rounds=6, warmup=0.2, duration=1.0, drain=2 * DOVECOT_MIN_AVAIL,
@@ -468,16 +529,25 @@ FULL = Plan(rounds=6, warmup=0.2, duration=1.0, drain=2 * DOVECOT_MIN_AVAIL,
 QUICK = Plan(rounds=2, warmup=0.05, duration=0.25, drain=2 * DOVECOT_MIN_AVAIL,
              stream_unix=32 * MiB, stream_tcp=8 * MiB, micro=0.2, sections=FULL.sections)
 
+#: Request workloads (``--workloads``): the script's name and the rows' title.
 WORKLOADS = (
     ("noop", "`exit 0`, no payload"),
     ("cat", "1 KiB echoed by `cat`"),
+    ("tcp", "1 KiB of text echoed by `cat` over tcp"),
 )
+
+
+def workloads(plan: Plan) -> list[tuple[str, str]]:
+    """The request workloads of this run, in the table's order."""
+    return [(script, title) for script, title in WORKLOADS if script in plan.workloads]
 
 
 def request_job(script: str, server: Server, concurrency: int, plan: Plan) -> dict[str, Any]:
     """The load generator job of one request cell."""
     if script == "noop":
         request, expect = HEADER, b"+\n"
+    elif script == "tcp":
+        request, expect = HEADER + TCP_TEXT + b".\r\n", TCP_TEXT + b".\r\n+\n"
     else:
         request, expect = HEADER + ECHO_PAYLOAD, ECHO_PAYLOAD + b"+\n"
     return {"job": "requests", "target": server.target(script), "request": b64(request),
@@ -505,31 +575,89 @@ def rotate(items: Sequence[Any], r: int) -> list[Any]:
     return [*items[r:], *items[:r]]
 
 
+def alternate(groups: Sequence[Sequence[Any]], r: int) -> list[Any]:
+    """The groups rotated for round *r*, each (a before/after pair) reversed every other round."""
+    return [item for group in rotate(groups, r)
+            for item in (group[::-1] if r % 2 else group)]
+
+
+def server_groups(servers: Sequence[Server]) -> list[list[Server]]:
+    """Each service alone, except a flavour's two sides, which go together."""
+    groups: dict[str, list[Server]] = {}
+    for server in servers:
+        groups.setdefault(server.flavour or server.key, []).append(server)
+    return list(groups.values())
+
+
+#: A fork or client variant: (side, "bare"/"raw" or a flavour).
+Variant = tuple[str, str]
+
+
+def variant_groups(first: str, clients: Sequence[str],
+                   before: Sequence[str] | None) -> list[list[Variant]]:
+    """*first* (the reference) and every flavour, each with its baseline twin if measured."""
+    groups: list[list[Variant]] = []
+    for name in [first, *clients, *(c for c in before or () if c not in clients)]:
+        group: list[Variant] = [("", name)] if name == first or name in clients else []
+        if before is not None and (name == first or name in before):
+            group.append((BEFORE, name))
+        groups.append(group)
+    return groups
+
+
+@dataclass
+class Side:
+    """The clients of one checkout: its load generator and the flavours it imports."""
+
+    load: LoadGenerator
+    clients: list[str]
+    #: The directory its ``execproto.adapters`` is imported from.
+    adapters: str
+
+
+def _checked(result: dict[str, Any], side: Side) -> dict[str, Any]:
+    module = result.pop("module", None)
+    if module is not None and Path(module).resolve().parent != Path(side.adapters):
+        raise BenchError(f"a client imported {module}, not from {side.adapters}")
+    return result
+
+
 def server_cell(load: LoadGenerator, server: Server, job: dict[str, Any],
                 timeout: float) -> dict[str, Any]:
-    """Run one job against *server* and add its tree's CPU time to the result."""
+    """Run one job against *server* and add its tree's (and its own) CPU time to the result."""
+    own = own_cpu(server.roots)
     before = tree_cpu(server.roots)
     result = load.call(job, timeout)
     after = settle(server.roots)
     result["server_cpu"] = after.cpu - before.cpu
+    result["own_cpu"] = own_cpu_used(own, own_cpu(server.roots))
     return result
 
 
-def run_rounds(load: LoadGenerator, servers: Sequence[Server], clients: Sequence[str],
-               plan: Plan, ceiling: Server, progress: bool) -> Results:
-    """Every cell once per round; services and variants in a rotating order."""
+def run_rounds(sides: dict[str, Side], servers: Sequence[Server], plan: Plan, ceiling: Server,
+               progress: bool) -> Results:
+    """Every cell once per round; services and variants in a rotating order.
+
+    *sides* maps "" (this checkout) and, with a baseline, :data:`BEFORE` to
+    the clients measured for it; a flavour's two sides run back to back,
+    which of them first alternates from round to round.
+    """
     results: Results = {}
     cell_timeout = plan.warmup + plan.duration + 120
+    load = sides[""].load  # one load generator drives every service
+    clients = sides[""].clients
+    before = sides[BEFORE].clients if BEFORE in sides else None
     for r in range(plan.rounds):
         started = time.monotonic()
-        order = rotate(servers, r)
+        order = alternate(server_groups(servers), r)
         if "requests" in plan.sections:
-            for script, _ in WORKLOADS:
-                for concurrency in CONCURRENCY:
+            for script, _ in workloads(plan):
+                for concurrency in plan.concurrency:
                     for server in order:
                         job = request_job(script, server, concurrency, plan)
                         result = server_cell(load, server, job, cell_timeout)
                         result["cpu_per_req"] = result["server_cpu"] / result["completed"]
+                        result["own_per_req"] = result["own_cpu"] / result["completed"]
                         result["client_util"] = result["client_cpu"] / result["wall"]
                         results.setdefault(("requests", script, str(concurrency), server.key),
                                            []).append(result)
@@ -542,19 +670,20 @@ def run_rounds(load: LoadGenerator, servers: Sequence[Server], clients: Sequence
                     result = server_cell(load, server, job, 300)
                     results.setdefault(("stream", kind, server.key), []).append(result)
         if "fork" in plan.sections:
-            for variant in rotate(["bare", *clients], r):
+            for side, variant in alternate(variant_groups("bare", clients, before), r):
                 job = {"job": "fork", "variant": variant, "warmup": plan.micro / 4,
                        "duration": plan.micro}
-                results.setdefault(("fork", variant), []).append(load.call(job, 120))
+                results.setdefault(("fork", sided(variant, side)), []).append(
+                    _checked(sides[side].load.call(job, 120), sides[side]))
         if "client" in plan.sections:
             for script, payload in (("noop", b""), ("cat", ECHO_PAYLOAD)):
-                for variant in rotate(["raw", *clients], r):
+                for side, variant in alternate(variant_groups("raw", clients, before), r):
                     job = {"job": "client", "variant": variant,
                            "target": ceiling.target(script), "payload": b64(payload),
                            "request": b64(HEADER + payload), "expect": b64(payload),
                            "warmup": plan.micro / 4, "duration": plan.micro}
-                    results.setdefault(("client", script, variant), []).append(
-                        load.call(job, 120))
+                    results.setdefault(("client", script, sided(variant, side)), []).append(
+                        _checked(sides[side].load.call(job, 120), sides[side]))
         if progress:
             print(f"  round {r + 1}/{plan.rounds} done in {time.monotonic() - started:.0f} s",
                   file=sys.stderr, flush=True)
@@ -574,18 +703,24 @@ def _goal(ok: bool, text: str) -> str:
 
 
 def report(results: Results, servers: Sequence[Server], clients: Sequence[str],
-           plan: Plan) -> tuple[str, list[str]]:
-    """The markdown tables and the list of missed goals."""
+           plan: Plan, before: Sequence[str] | None = None) -> tuple[str, list[str]]:
+    """The markdown tables and the list of missed goals.
+
+    *before*: the flavours measured with the baseline's interpreter, if any;
+    their rows are marked and held to no goal of their own.
+    """
     out: list[str] = []
     missed: list[str] = []
     flavours = [s for s in servers if s.key in FLAVOURS]
+    forks = [v for g in variant_groups("bare", clients, before) for v in g]
+    runs = [v for g in variant_groups("raw", clients, before) for v in g]
     if "requests" in plan.sections:
         out += ["### Requests (closed loop, C requests in flight)", "",
                 "| workload | C | service | req/s | × Dovecot | × ceiling | p50 ms | p99 ms "
                 "| server CPU ms/req | goal |",
                 "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
-        for script, title in WORKLOADS:
-            for c in CONCURRENCY:
+        for script, title in workloads(plan):
+            for c in plan.concurrency:
                 base = med(results, ("requests", script, str(c), "dovecot"), "rate")
                 rates = {s.key: med(results, ("requests", script, str(c), s.key), "rate")
                          for s in servers}
@@ -637,13 +772,13 @@ def report(results: Results, servers: Sequence[Server], clients: Sequence[str],
                 "| variant | µs/call | × bare spawn | p99 µs | client CPU µs/call | goal |",
                 "| --- | ---: | ---: | ---: | ---: | --- |"]
         base = med(results, ("fork", "bare"), "per_call")
-        for variant in ["bare", *clients]:
-            fkey = ("fork", variant)
+        for side, variant in forks:
+            fkey = ("fork", sided(variant, side))
             per_call = med(results, fkey, "per_call")
-            label = ("bare `os.posix_spawn` + `os.waitpid`" if variant == "bare"
-                     else f"execproto {variant}")
+            label = side_label("bare `os.posix_spawn` + `os.waitpid`" if variant == "bare"
+                               else f"execproto {variant}", side)
             goal = ""
-            if variant != "bare":
+            if variant != "bare" and not side:
                 goal = _goal(per_call / base <= GOAL_FORK, f"≤ {GOAL_FORK}×")
                 if per_call / base > GOAL_FORK:
                     missed.append(f"fork driver, {variant}: {per_call / base:.2f}× a bare spawn "
@@ -657,22 +792,141 @@ def report(results: Results, servers: Sequence[Server], clients: Sequence[str],
                 "| workload | client | µs/call | × raw | client CPU µs/call "
                 "| client CPU over raw µs |",
                 "| --- | --- | ---: | ---: | ---: | ---: |"]
-        for script, title in WORKLOADS:
-            base = med(results, ("client", script, "raw"), "per_call")
-            base_cpu = med(results, ("client", script, "raw"), "cpu_per_call")
-            for variant in ["raw", *clients]:
-                ckey = ("client", script, variant)
+        for script, title in WORKLOADS[:2]:
+            for side, variant in runs:
+                base = med(results, ("client", script, sided("raw", side)), "per_call")
+                base_cpu = med(results, ("client", script, sided("raw", side)), "cpu_per_call")
+                ckey = ("client", script, sided(variant, side))
                 per_call = med(results, ckey, "per_call")
                 cpu = med(results, ckey, "cpu_per_call")
-                label = "raw socket" if variant == "raw" else f"execproto {variant} `run()`"
+                label = side_label("raw socket" if variant == "raw"
+                                   else f"execproto {variant} `run()`", side)
                 out.append(f"| {title} | {label} | {per_call * 1e6:,.0f} "
                            f"| {per_call / base:.2f} | {cpu * 1e6:,.0f} "
                            f"| {(cpu - base_cpu) * 1e6:+,.0f} |")
         out.append("")
+    if before is not None:
+        text, worse = before_after(results, clients, plan, before)
+        out.append(text)
+        missed += worse
     return "\n".join(out), missed
 
 
-def machine_text(plan: Plan, quick: bool, min_avail: int, loads: Sequence[float]) -> str:
+def _ratios(after: list[dict[str, Any]], before: list[dict[str, Any]],
+            value: Any) -> tuple[float, str]:
+    """after/before of the medians of *value*, and the range of the per-round ratios."""
+    a = statistics.median(value(r) for r in after)
+    b = statistics.median(value(r) for r in before)
+    rounds = sorted(value(x) / value(y) for x, y in zip(after, before, strict=True)
+                    if value(y))
+    spread = f"{rounds[0]:.2f}–{rounds[-1]:.2f}" if rounds else "—"
+    return (a / b if b else math.nan), spread
+
+
+def before_after(results: Results, clients: Sequence[str], plan: Plan,
+                 before: Sequence[str]) -> tuple[str, list[str]]:
+    """The after/before table of every flavour measured on both sides; goals missed."""
+    both = [c for c in clients if c in before]
+    out = ["### Before (baseline) and after (this checkout)", "",
+           "Medians over the rounds; after/before is the ratio of the medians, *rounds* the "
+           "range of the ratios of the pairs measured back to back in each round.", ""]
+    missed: list[str] = []
+    if "requests" in plan.sections:
+        out += ["#### Server CPU per request (closed loop, C requests in flight)", "",
+                "*CPU* is the whole tree's, scripts included (the goal's measure); *own* is the "
+                "service processes' own threads only, without the scripts they reap.", "",
+                "| workload | C | flavour | CPU ms/req before | after | after/before | rounds "
+                "| own µs/req before | after | after/before | rounds "
+                "| req/s before | after | after/before | goal |",
+                "| --- | ---: | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- "
+                "| ---: | ---: | ---: | --- |"]
+        for script, title in workloads(plan):
+            for c in plan.concurrency:
+                for flavour in both:
+                    a = results[("requests", script, str(c), flavour)]
+                    b = results[("requests", script, str(c), sided(flavour, BEFORE))]
+                    cpu, spread = _ratios(a, b, lambda r: r["cpu_per_req"])
+                    own, own_spread = _ratios(a, b, lambda r: r["own_per_req"])
+                    rate, _ = _ratios(a, b, lambda r: r["rate"])
+                    goal = _goal(cpu <= GOAL_SERVER_CPU, f"≤ {GOAL_SERVER_CPU:.2f}")
+                    if cpu > GOAL_SERVER_CPU:
+                        missed.append(f"server CPU per request, {flavour}, {title}, C={c}: "
+                                      f"{cpu:.3f}× before (goal ≤ {GOAL_SERVER_CPU:.2f}×)")
+                    out.append(
+                        f"| {title} | {c} | {flavour} "
+                        f"| {statistics.median(r['cpu_per_req'] for r in b) * 1e3:.3f} "
+                        f"| {statistics.median(r['cpu_per_req'] for r in a) * 1e3:.3f} "
+                        f"| {cpu:.3f} | {spread} "
+                        f"| {statistics.median(r['own_per_req'] for r in b) * 1e6:,.0f} "
+                        f"| {statistics.median(r['own_per_req'] for r in a) * 1e6:,.0f} "
+                        f"| {own:.3f} | {own_spread} "
+                        f"| {statistics.median(r['rate'] for r in b):,.0f} "
+                        f"| {statistics.median(r['rate'] for r in a):,.0f} | {rate:.2f} "
+                        f"| {goal} |")
+        out.append("")
+    if "client" in plan.sections:
+        out += ["#### Client overhead per run: `run()` minus a raw-socket client, sequential "
+                "requests to the ceiling service", "",
+                "Client CPU per run minus that of the raw client run by the same interpreter in "
+                "the same round; the raw row is that client's own CPU per run.  The last columns "
+                "are wall time per run (the service's time included).", "",
+                "| workload | client | CPU over raw µs before | after | after/before | rounds "
+                "| µs/run before | after | after/before | goal |",
+                "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- |"]
+        for script, title in WORKLOADS[:2]:
+            for flavour in ["raw", *both]:
+                rows = {}
+                for side in ("", BEFORE):
+                    raw = results[("client", script, sided("raw", side))]
+                    run = results[("client", script, sided(flavour, side))]
+                    rows[side] = [{"cpu": x["cpu_per_call"] - (y["cpu_per_call"]
+                                                               if flavour != "raw" else 0.0),
+                                   "wall": x["per_call"]}
+                                  for x, y in zip(run, raw, strict=True)]
+                cpu_a = statistics.median(r["cpu"] for r in rows[""])
+                cpu_b = statistics.median(r["cpu"] for r in rows[BEFORE])
+                wall_a = statistics.median(r["wall"] for r in rows[""])
+                wall_b = statistics.median(r["wall"] for r in rows[BEFORE])
+                _, spread = _ratios(rows[""], rows[BEFORE], lambda r: r["cpu"])
+                goal = ""
+                if flavour not in ("raw", "blocking"):
+                    goal = _goal(cpu_a <= GOAL_CLIENT_OVERHEAD,
+                                 f"≤ +{GOAL_CLIENT_OVERHEAD * 1e6:.0f} µs")
+                    if cpu_a > GOAL_CLIENT_OVERHEAD:
+                        missed.append(f"client overhead per run, {flavour}, {title}: "
+                                      f"+{cpu_a * 1e6:.0f} µs (goal ≤ "
+                                      f"+{GOAL_CLIENT_OVERHEAD * 1e6:.0f} µs)")
+                sign = "" if flavour == "raw" else "+"
+                out.append(
+                    f"| {title} | {'raw socket (CPU itself)' if flavour == 'raw' else flavour} "
+                    f"| {cpu_b * 1e6:{sign},.0f} | {cpu_a * 1e6:{sign},.0f} "
+                    f"| {cpu_a / cpu_b if cpu_b else math.nan:.2f} | {spread} "
+                    f"| {wall_b * 1e6:,.0f} | {wall_a * 1e6:,.0f} "
+                    f"| {wall_a / wall_b:.2f} | {goal} |")
+        out.append("")
+    if "fork" in plan.sections:
+        out += ["#### Fork driver: `run(\"exec:/bin/true\")`", "",
+                "| flavour | client CPU µs/call before | after | after/before | rounds "
+                "| µs/call before | after | after/before |",
+                "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
+        for flavour in both:
+            a = results[("fork", flavour)]
+            b = results[("fork", sided(flavour, BEFORE))]
+            cpu, spread = _ratios(a, b, lambda r: r["cpu_per_call"])
+            wall, _ = _ratios(a, b, lambda r: r["per_call"])
+            out.append(f"| {flavour} "
+                       f"| {statistics.median(r['cpu_per_call'] for r in b) * 1e6:,.0f} "
+                       f"| {statistics.median(r['cpu_per_call'] for r in a) * 1e6:,.0f} "
+                       f"| {cpu:.3f} | {spread} "
+                       f"| {statistics.median(r['per_call'] for r in b) * 1e6:,.0f} "
+                       f"| {statistics.median(r['per_call'] for r in a) * 1e6:,.0f} "
+                       f"| {wall:.3f} |")
+        out.append("")
+    return "\n".join(out), missed
+
+
+def machine_text(plan: Plan, quick: bool, min_avail: int, loads: Sequence[float],
+                 baseline: str = "") -> str:
     """Date, machine and settings of this run, for the report."""
     model = "unknown CPU"
     with contextlib.suppress(OSError):
@@ -691,7 +945,7 @@ def machine_text(plan: Plan, quick: bool, min_avail: int, loads: Sequence[float]
         f"{' → '.join(f'{x:.1f}' for x in loads)} (start → end); {plan.rounds} rounds"
         f"{' (--quick)' if quick else ''}, medians; Dovecot services: "
         f"{', '.join(dovecot_tuning(min_avail))}; execproto serve "
-        f"--max-connections {EXECPROTO_MAX_CONNECTIONS} --log-level WARNING"
+        f"--max-connections {EXECPROTO_MAX_CONNECTIONS} --log-level WARNING{baseline}"
     )
 
 
@@ -727,10 +981,52 @@ def available_flavours(wanted: Sequence[str]) -> tuple[list[str], dict[str, str]
     return ok, missing
 
 
+_BASELINE_CHECK = """
+import importlib, json, sys
+found = {}
+for name in sys.argv[1:]:
+    try:
+        module = importlib.import_module("execproto.adapters." + name)
+    except Exception as exc:
+        found[name] = [None, type(exc).__name__ + ": " + str(exc)]
+        continue
+    absent = [n for n in ("run", "serve") if not hasattr(module, n)]
+    found[name] = [module.__file__, ("no " + ", ".join(absent)) if absent else ""]
+print(json.dumps(found))
+"""
+
+
+def baseline_flavours(python: str, wanted: Sequence[str]) -> tuple[list[str], dict[str, str],
+                                                                   str]:
+    """:func:`available_flavours` as seen by *python*, and where its adapters come from.
+
+    Run from this checkout's root, as its services and load generator are.
+    """
+    done = subprocess.run([python, "-c", _BASELINE_CHECK, *wanted], capture_output=True,
+                          text=True, cwd=REPO, timeout=60, check=False)
+    if done.returncode != 0:
+        raise BenchError(f"--baseline {python} failed: {done.stderr.strip()[-400:]}")
+    ok: list[str] = []
+    missing: dict[str, str] = {}
+    where = ""
+    for name, (module, problem) in json.loads(done.stdout).items():
+        if module is None or problem:
+            missing[side_label(name, BEFORE)] = problem
+        else:
+            ok.append(name)
+            where = str(Path(module).resolve().parent)
+    return ok, missing, where
+
+
 @contextlib.contextmanager
 def services(tmp: Path, flavours: Sequence[str], min_avail: int,
-             missing: dict[str, str]) -> Iterator[tuple[list[Server], Server]]:
-    """Start Dovecot, every flavour's service and the ceiling; stop them all on exit."""
+             missing: dict[str, str], baseline: str | None = None,
+             before: Sequence[str] = ()) -> Iterator[tuple[list[Server], Server]]:
+    """Start Dovecot, every flavour's service and the ceiling; stop them all on exit.
+
+    With *baseline* (an interpreter), each flavour of *before* is also
+    started with it, after this checkout's.
+    """
     noop = tmp / "noop.sh"
     noop.write_text("#!/bin/sh\nexit 0\n")
     noop.chmod(0o755)
@@ -739,13 +1035,16 @@ def services(tmp: Path, flavours: Sequence[str], min_avail: int,
     try:
         dovecot, server = start_dovecot(tmp, noop, min_avail)
         started.append(server)
-        for flavour in flavours:
+        sides = [(flavour, sys.executable, "") for flavour in flavours]
+        if baseline is not None:
+            sides += [(flavour, baseline, BEFORE) for flavour in before]
+        for flavour, python, side in sorted(sides, key=lambda x: FLAVOURS.index(x[0])):
             try:
-                started.append(start_execproto(flavour, tmp, noop))
+                started.append(start_execproto(flavour, tmp, noop, python, side))
             except RuntimeError as exc:
                 logs = " / ".join(p.read_text(errors="replace")[-400:]
-                                  for p in tmp.glob(f"{flavour}-*.log"))
-                missing[flavour] = f"serve did not start: {exc}: {logs}"
+                                  for p in tmp.glob(f"{sided(flavour, side)}-*.log"))
+                missing[side_label(flavour, side)] = f"serve did not start: {exc}: {logs}"
         ceiling = start_ceiling(tmp, noop)
         started.append(ceiling)
         yield started, ceiling
@@ -768,6 +1067,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--dovecot-min-avail", type=int, default=DOVECOT_MIN_AVAIL,
                     help=f"process_min_avail of Dovecot's services (default {DOVECOT_MIN_AVAIL})")
     ap.add_argument("--json", metavar="FILE", help="also write every round's raw results here")
+    ap.add_argument("--baseline", metavar="PYTHON",
+                    help="also measure every flavour with this interpreter (another checkout's "
+                         "venv) as the 'before' rows, side by side, and compare")
+    ap.add_argument("--workloads", default="noop,cat",
+                    help="comma-separated request workloads of noop,cat,tcp (default noop,cat)")
+    ap.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)),
+                    help="comma-separated C of the request cells (default 1,16,64)")
     ap.add_argument("--ceiling", nargs=2, metavar=("SOCKET", "SCRIPT"), help=argparse.SUPPRESS)
     ap.add_argument("--tcp-port", type=int, help=argparse.SUPPRESS)
     ns = ap.parse_args(argv)
@@ -777,7 +1083,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = QUICK if ns.quick else FULL
     plan = dataclasses.replace(plan, rounds=ns.rounds or plan.rounds,
                                drain=2 * ns.dovecot_min_avail,
-                               sections=frozenset(ns.sections.split(",")))
+                               sections=frozenset(ns.sections.split(",")),
+                               workloads=tuple(w for w in ns.workloads.split(",") if w),
+                               concurrency=tuple(int(c) for c in ns.concurrency.split(",") if c))
+    unknown = set(plan.workloads) - {w for w, _ in WORKLOADS}
+    if unknown or not plan.concurrency or min(plan.concurrency) < 1:
+        ap.error(f"bad --workloads or --concurrency: {sorted(unknown) or ns.concurrency}")
     if os.geteuid() != 0 or dovecot_binary() is None or script_binary() is None:
         print("bench_e2e: needs root and Debian's dovecot-core (dovecot, script)",
               file=sys.stderr)
@@ -788,34 +1099,59 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"not from this checkout ({REPO})", file=sys.stderr)
     wanted = [f for f in ns.flavours.split(",") if f]
     clients, missing = available_flavours(wanted)
+    before: list[str] | None = None
+    baseline_note = ""
+    adapters = str(Path(importlib.import_module("execproto.adapters").__file__ or "?")
+                   .resolve().parent)
+    if ns.baseline:
+        try:
+            before, lost, where = baseline_flavours(ns.baseline, wanted)
+        except (BenchError, OSError, subprocess.TimeoutExpired, ValueError) as exc:
+            print(f"bench_e2e: {exc}", file=sys.stderr)
+            return 2
+        missing.update(lost)
+        if before and where == adapters:
+            print(f"bench_e2e: --baseline imports this checkout's adapters ({where})",
+                  file=sys.stderr)
+            return 2
+        baseline_note = f"; before: {ns.baseline}, adapters from {where}"
     print(f"bench_e2e: flavours {', '.join(clients) or 'none'}"
+          + (f"; before: {', '.join(before) or 'none'}" if before is not None else "")
           + "".join(f"; {k} missing ({v})" for k, v in missing.items()), file=sys.stderr)
     loads = [os.getloadavg()[0]]
     tmp = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
     load = LoadGenerator()
+    sides = {"": Side(load, clients, adapters)}
+    if before is not None:
+        assert ns.baseline is not None
+        sides[BEFORE] = Side(LoadGenerator(ns.baseline), before, where)
     try:
-        with services(tmp, clients, ns.dovecot_min_avail, missing) as (servers, ceiling):
-            clients = [c for c in clients if c not in missing]
+        with services(tmp, clients, ns.dovecot_min_avail, missing, ns.baseline,
+                      before or ()) as (servers, ceiling):
+            clients[:] = [c for c in clients if c not in missing]
+            if before is not None:
+                before[:] = [c for c in before if side_label(c, BEFORE) not in missing]
             for server in servers:
                 warm_up(load, server)
                 settle(server.roots)
             print(f"bench_e2e: {len(servers)} services up, {plan.rounds} rounds",
                   file=sys.stderr, flush=True)
-            results = run_rounds(load, servers, clients, plan, ceiling, progress=True)
+            results = run_rounds(sides, servers, plan, ceiling, progress=True)
             if ns.json:
                 Path(ns.json).parent.mkdir(parents=True, exist_ok=True)
                 Path(ns.json).write_text(json.dumps(
                     {"|".join(k): v for k, v in results.items()}, indent=1))
             problems = [line for s in servers for line in log_problems(s)]
             loads.append(os.getloadavg()[0])
-            text, missed = report(results, servers, clients, plan)
+            text, missed = report(results, servers, clients, plan, before)
     except BenchError as exc:
         print(f"bench_e2e: FAILED: {exc}", file=sys.stderr)
         return 1
     finally:
-        load.close()
+        for side in sides.values():
+            side.load.close()
         shutil.rmtree(tmp, ignore_errors=True)
-    print(machine_text(plan, ns.quick, ns.dovecot_min_avail, loads))
+    print(machine_text(plan, ns.quick, ns.dovecot_min_avail, loads, baseline_note))
     print()
     if missing:
         print("Flavours not measured: " + "; ".join(f"{k}: {v}" for k, v in missing.items()))
