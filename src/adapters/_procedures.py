@@ -43,7 +43,6 @@ import inspect
 import os
 import signal
 import socket
-import threading
 import time
 from collections.abc import (
     AsyncIterable,
@@ -87,6 +86,7 @@ from ._common import (
     RunOptions,
     RunResult,
     ServiceConfig,
+    StopSignal,
     coerce_target,
     describe_connect_error,
     describe_returncode,
@@ -817,11 +817,12 @@ class Job:
 
 
 class Jobs:
-    """The connections of one service (thread-safe: the blocking flavour has workers)."""
+    """The connections of one service; thread-safe when given a lock (the blocking workers)."""
 
-    def __init__(self) -> None:
-        #: Guards the set and each job's pidfd (re-entrant: flavours build on it).
-        self.lock = threading.RLock()
+    def __init__(self, *, lock: contextlib.AbstractContextManager[Any] | None = None) -> None:
+        #: Guards the set and each job's pidfd; a re-entrant lock where
+        #: connections run in threads, a no-op (the default) where they share one.
+        self.lock = contextlib.nullcontext() if lock is None else lock
         self._jobs: set[Job] = set()
 
     def __len__(self) -> int:
@@ -854,14 +855,21 @@ class Jobs:
 
 
 def accept(listeners: list[tuple[socket.socket, str | tuple[str, int]]], config: ServiceConfig,
-           wake: int | None = None) -> Procedure[tuple[socket.socket, str] | None]:
-    """Accept one client of any listener: ``(socket, peer label)``; None when *wake* is readable.
+           stop: StopSignal | None = None, *,
+           wait_first: bool = False) -> Procedure[tuple[socket.socket, str] | None]:
+    """Accept one client of any listener: ``(socket, peer label)``; None once *stop* is set.
 
-    Failures such as EMFILE are logged and retried after 0.1 s: the
-    service keeps serving.
+    *wait_first*: wait for a listener to be ready before trying to accept
+    (cheaper where one thread does nothing but accept: at one client at a
+    time the first try would fail anyway).  Failures such as EMFILE are
+    logged and retried after 0.1 s: the service keeps serving.
     """
-    fds = tuple(sock.fileno() for sock, _ in listeners) + (() if wake is None else (wake,))
+    fds = tuple(sock.fileno() for sock, _ in listeners) + (() if stop is None else (stop.fd,))
+    if wait_first:
+        yield Wait(read=fds)
     while True:
+        if stop is not None and stop.is_set():
+            return None
         for sock, name in listeners:
             try:
                 conn, peer = sock.accept()
@@ -872,8 +880,6 @@ def accept(listeners: list[tuple[socket.socket, str | tuple[str, int]]], config:
                 yield Wait(timeout=0.1)
                 continue
             return conn, peer_label(name, peer)
-        if wake is not None and (yield Wait(read=(wake,), timeout=0)):
-            return None
         yield Wait(read=fds)
 
 

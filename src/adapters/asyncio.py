@@ -59,7 +59,8 @@ def _wake(waiter: asyncio.Future[bool], value: bool) -> None:
         waiter.set_result(value)
 
 
-async def _wait(loop: asyncio.AbstractEventLoop, request: proc.Wait) -> bool:
+async def _wait(request: proc.Wait) -> bool:
+    loop = asyncio.get_running_loop()
     waiter: asyncio.Future[bool] = loop.create_future()
     for fd in request.read:
         loop.add_reader(fd, _wake, waiter, True)
@@ -92,8 +93,8 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
         future.exception()  # no "exception was never retrieved" for an abandoned call
 
 
-async def _offload(loop: asyncio.AbstractEventLoop, request: proc.Offload) -> Any:
-    future = loop.run_in_executor(None, request.fn, *request.args)
+async def _offload(request: proc.Offload) -> Any:
+    future = asyncio.get_running_loop().run_in_executor(None, request.fn, *request.args)
     future.add_done_callback(_retrieve)
     if request.abandon:
         return await _within(future, request.timeout)
@@ -111,16 +112,8 @@ async def _turn(request: proc.Turn) -> None:
     await asyncio.sleep(0)
 
 
-async def _offload_request(request: proc.Offload) -> Any:
-    return await _offload(asyncio.get_running_loop(), request)
-
-
-async def _wait_request(request: proc.Wait) -> bool:
-    return await _wait(asyncio.get_running_loop(), request)
-
-
 _ANSWERS: proc.Answers = {
-    proc.Wait: _wait_request, proc.Offload: _offload_request, proc.Turn: _turn}
+    proc.Wait: _wait, proc.Offload: _offload, proc.Turn: _turn}
 
 
 def _answers(input: Input, output: OutputCallback | None) -> proc.Answers:

@@ -3,17 +3,17 @@
 The procedures are the shared ones of ``_procedures.py``; this module only
 answers what they ask, waiting with ``poll()``.  ``run()`` drives one run in
 the calling thread.  :class:`Service` accepts in the thread that calls
-:meth:`Service.serve_forever` and handles each connection in a pool of at
-most ``max_connections`` worker threads.
+:meth:`Service.serve_forever` and hands each connection to a pool of at
+most ``max_connections`` worker threads, reused while they are idle.
 """
 
 from __future__ import annotations
 
+import queue
 import select
 import socket
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from typing_extensions import Unpack
@@ -121,9 +121,13 @@ class Service:
     def __init__(self, listeners: Sequence[Listener], config: ServiceConfig) -> None:
         self.config = config
         self._listeners = Listeners(listeners, config)
-        self._jobs = proc.Jobs()
-        self._done = threading.Condition(self._jobs.lock)
+        lock = threading.RLock()
+        self._jobs = proc.Jobs(lock=lock)
+        self._done = threading.Condition(lock)
         self._stop = StopSignal()
+        self._work: queue.SimpleQueue[tuple[socket.socket, str] | None] = queue.SimpleQueue()
+        self._workers: set[threading.Thread] = set()
+        self._idle = 0  # workers waiting for a connection
         self._slots = threading.BoundedSemaphore(config.max_connections)
         self._serving = False
 
@@ -155,30 +159,54 @@ class Service:
         terminated (SIGTERM, SIGKILL).  Unix socket files created are removed.
         """
         self._serving = True
-        # Workers are reused: a thread start per connection cost a third of
-        # the accept loop's time.  The slots bound them to max_connections.
-        pool = ThreadPoolExecutor(self.config.max_connections, "execproto-service")
         try:
             while not self._stop.is_set():
                 # Take a slot before accepting: extra clients wait in the backlog.
                 if not self._slots.acquire(timeout=0.1):
                     continue
-                accept = proc.accept(self._listeners.sockets, self.config, self._stop.fd)
+                accept = proc.accept(self._listeners.sockets, self.config, self._stop,
+                                     wait_first=True)
                 client = _drive(accept)
                 if client is None:
                     self._slots.release()
                     break
-                pool.submit(self._handle, *client)
+                self._hand_over(client)
         finally:
             self._listeners.close()
             _drive(proc.wind_down(self._jobs, self.config),
                    {**_ANSWERS, proc.WaitJobs: self._wait_jobs})
-            pool.shutdown()
+            with self._jobs.lock:
+                workers = list(self._workers)
+                for _ in workers:
+                    self._work.put(None)
+            for worker in workers:
+                worker.join()
             self._stop.close()
 
     async def _wait_jobs(self, request: proc.WaitJobs) -> bool:
         with self._done:
             return self._done.wait_for(lambda: not len(self._jobs), request.timeout)
+
+    def _hand_over(self, client: tuple[socket.socket, str]) -> None:
+        # To an idle worker, a new one only when none is idle: a thread start
+        # per connection cost a third of the accept loop's time (and a
+        # ThreadPoolExecutor's futures and conditions 10 % of a request's).
+        with self._jobs.lock:
+            start = self._idle == 0
+            self._idle -= 0 if start else 1
+            self._work.put(client)
+            if start:
+                worker = threading.Thread(target=self._worker, daemon=True)
+                self._workers.add(worker)
+        if start:
+            worker.start()
+
+    def _worker(self) -> None:
+        # Workers stay until the stop: at most max_connections of them.
+        while (client := self._work.get()) is not None:
+            self._handle(*client)
+            with self._jobs.lock:
+                self._idle += 1
 
     def _handle(self, conn: socket.socket, peer: str) -> None:
         # A blocking thread cannot be cancelled: shutting the socket down

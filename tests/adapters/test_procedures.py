@@ -38,7 +38,14 @@ from execproto import (
     UnixTarget,
 )
 from execproto.adapters import _procedures as procs
-from execproto.adapters._common import CHUNK, KILL_TIMEOUT, RunOptions, RunResult, ServiceConfig
+from execproto.adapters._common import (
+    CHUNK,
+    KILL_TIMEOUT,
+    RunOptions,
+    RunResult,
+    ServiceConfig,
+    StopSignal,
+)
 from execproto.adapters._procedures import (
     Deliver,
     Expired,
@@ -1135,7 +1142,7 @@ def unix_listener(short_dir: str) -> Iterator[tuple[socket.socket, str]]:
 def test_accept_waits_for_a_client(clock: FakeClock, logger: logging.Logger,
                                    unix_listener: tuple[socket.socket, str]) -> None:
     listener, path = unix_listener
-    wake_r, wake_w = os.pipe()
+    stop = StopSignal()
     clients: list[socket.socket] = []
 
     def a_client_comes(request: Wait) -> bool:
@@ -1145,32 +1152,47 @@ def test_accept_waits_for_a_client(clock: FakeClock, logger: logging.Logger,
 
     w = FakeWaiter(clock).on(Wait, a_client_comes, when=lambda r: r.timeout is None)
     try:
-        got = w.run(procs.accept([(listener, path)], config(logger), wake_r))
+        got = w.run(procs.accept([(listener, path)], config(logger), stop))
         assert got is not None
         conn, peer = got
         conn.close()
         assert peer == f"unix:{path}"
-        assert w.requests == [Wait(read=(wake_r,), timeout=0),
-                              Wait(read=(listener.fileno(), wake_r))]
+        assert w.requests == [Wait(read=(listener.fileno(), stop.fd))]
     finally:
-        for fd in (wake_r, wake_w):
-            os.close(fd)
+        stop.close()
         for sock in clients:
             sock.close()
 
 
-def test_accept_returns_none_when_woken(clock: FakeClock, logger: logging.Logger,
-                                        unix_listener: tuple[socket.socket, str]) -> None:
+def test_accept_can_wait_first(clock: FakeClock, logger: logging.Logger,
+                               unix_listener: tuple[socket.socket, str]) -> None:
+    # The blocking service's accept thread waits before it tries: at one
+    # client at a time the first try would fail anyway.
     listener, path = unix_listener
-    wake_r, wake_w = os.pipe()
-    try:
-        os.write(wake_w, b"x")
+    with socket.socket(socket.AF_UNIX) as client:
+        client.connect(path)
         w = FakeWaiter(clock)
-        assert w.run(procs.accept([(listener, path)], config(logger), wake_r)) is None
-        assert w.requests == [Wait(read=(wake_r,), timeout=0)]
+        got = w.run(procs.accept([(listener, path)], config(logger), wait_first=True))
+        assert got is not None
+        got[0].close()
+        assert w.requests == [Wait(read=(listener.fileno(),))]
+
+
+def test_accept_returns_none_when_stopped(clock: FakeClock, logger: logging.Logger,
+                                          unix_listener: tuple[socket.socket, str]) -> None:
+    listener, path = unix_listener
+    stop = StopSignal()
+    try:
+        stop.set()
+        w = FakeWaiter(clock)
+        assert w.run(procs.accept([(listener, path)], config(logger), stop)) is None
+        assert w.requests == []
+        w = FakeWaiter(clock)
+        assert w.run(procs.accept([(listener, path)], config(logger), stop,
+                                  wait_first=True)) is None
+        assert w.requests == [Wait(read=(listener.fileno(), stop.fd))]
     finally:
-        os.close(wake_r)
-        os.close(wake_w)
+        stop.close()
 
 
 def test_accept_logs_failures_and_retries(
