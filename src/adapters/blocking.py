@@ -202,8 +202,19 @@ class Service:
             worker.start()
 
     def _worker(self) -> None:
-        # Workers stay until the stop: at most max_connections of them.
-        while (client := self._work.get()) is not None:
+        # At most max_connections workers; one idle for a minute ends.
+        while True:
+            try:
+                client = self._work.get(timeout=60.0)
+            except queue.Empty:
+                with self._jobs.lock:
+                    if self._idle > 0:  # else a connection is on its way to it
+                        self._idle -= 1
+                        self._workers.discard(threading.current_thread())
+                        return
+                continue
+            if client is None:
+                return
             self._handle(*client)
             with self._jobs.lock:
                 self._idle += 1
