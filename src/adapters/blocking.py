@@ -2,17 +2,20 @@
 
 The procedures are the shared ones of ``_procedures.py``; this module only
 answers what they ask, waiting with ``poll()``.  ``run()`` drives one run in
-the calling thread.  :class:`Service` accepts in the thread that calls
-:meth:`Service.serve_forever` and hands each connection to a pool of at
-most ``max_connections`` worker threads, reused while they are idle.
+the calling thread.  :class:`Service` drives every connection's procedure in
+the thread that calls :meth:`Service.serve_forever`, in one ``epoll`` loop
+(no thread per connection): a procedure never blocks, so one connection
+waits while the others go on.
 """
 
 from __future__ import annotations
 
-import queue
+import heapq
+import itertools
 import select
 import socket
-import threading
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -36,7 +39,8 @@ from ._common import (
 __all__ = ["Service", "run", "serve"]
 
 T = TypeVar("T")
-_READ, _WRITE = select.POLLIN, select.POLLOUT
+_READ, _WRITE = select.POLLIN, select.POLLOUT  # the same bits as EPOLLIN, EPOLLOUT
+monotonic = time.monotonic
 
 
 async def _wait(request: proc.Wait) -> bool:
@@ -104,12 +108,142 @@ def run(target: Target | str, args: Iterable[BytesLike] = (), *, input: Input = 
     return _drive(procedure, proc.run_answers(_ANSWERS, input, output, _unbounded))
 
 
+class _Task:
+    """One procedure the service's loop drives, and what it waits for."""
+
+    __slots__ = ("done", "fds", "parked", "procedure", "turn")
+
+    def __init__(self, procedure: proc.Procedure[Any], done: Callable[[Any], object]) -> None:
+        self.procedure, self.done = procedure, done
+        self.fds: tuple[int, ...] = ()
+        self.parked = False
+        self.turn = 0  # a timer of an earlier wait does not wake it
+
+
+class _Loop:
+    """Drives many procedures in one thread: each waits on ``epoll``, none blocks the others.
+
+    *answers* handles the requests other than Wait, Offload and Turn (the
+    service's WaitJobs).  An Offload runs in place: on the service side
+    that is a spawn, which blocks only until the child runs.
+    """
+
+    def __init__(self, answers: Mapping[type, Callable[[_Task, Any], object]]) -> None:
+        self._epoll = select.epoll()
+        self._by_fd: dict[int, _Task] = {}
+        self._timers: list[tuple[float, int, int, _Task]] = []
+        self._ready: deque[tuple[_Task, Any, BaseException | None]] = deque()
+        self._tasks: set[_Task] = set()
+        self._answers = answers
+        self._order = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def start(self, procedure: proc.Procedure[Any], done: Callable[[Any], object]) -> _Task:
+        """Drive *procedure* from the next turn on; *done* gets its result (None if it raised)."""
+        task = _Task(procedure, done)
+        self._tasks.add(task)
+        self._ready.append((task, None, None))
+        return task
+
+    def park(self, task: _Task, read: tuple[int, ...] = (), write: tuple[int, ...] = (),
+             timeout: float | None = None) -> None:
+        """Let *task* wait for a fd (answer True), *timeout* (False) or :meth:`wake`."""
+        events = dict.fromkeys(read, _READ)
+        for fd in write:
+            events[fd] = events.get(fd, 0) | _WRITE
+        for fd, mask in events.items():
+            self._epoll.register(fd, mask)
+            self._by_fd[fd] = task
+        task.fds, task.parked = tuple(events), True
+        if timeout is not None:
+            deadline = monotonic() + timeout
+            heapq.heappush(self._timers, (deadline, next(self._order), task.turn, task))
+
+    def wake(self, task: _Task, answer: bool = True) -> None:
+        """End *task*'s wait (if it waits): it goes on with *answer*."""
+        if task.parked:
+            self._unpark(task)
+            self._ready.append((task, answer, None))
+
+    def cancel(self, task: _Task) -> None:
+        """End *task* at once, waiting or not; its *done* is not called."""
+        if task.parked:
+            self._unpark(task)
+        self._tasks.discard(task)
+        task.procedure.close()
+
+    def _unpark(self, task: _Task) -> None:
+        for fd in task.fds:
+            self._epoll.unregister(fd)
+            del self._by_fd[fd]
+        task.fds, task.parked = (), False
+        task.turn += 1
+
+    def run(self) -> None:
+        """Drive the tasks until none is left (what a task raises is raised here)."""
+        ready, timers = self._ready, self._timers
+        while self._tasks:
+            while ready:
+                self._step(*ready.popleft())
+            if not self._tasks:
+                return
+            timeout = max(timers[0][0] - monotonic(), 0.0) if timers else -1
+            for fd, _ in self._epoll.poll(timeout):
+                task = self._by_fd.get(fd)
+                if task is not None:
+                    self.wake(task)
+            now = monotonic() if timers else 0.0
+            while timers and timers[0][0] <= now:
+                _, _, turn, task = heapq.heappop(timers)
+                if task.turn == turn:
+                    self.wake(task, False)
+
+    def _step(self, task: _Task, answer: Any, error: BaseException | None) -> None:
+        if task not in self._tasks:  # cancelled while ready
+            return
+        procedure = task.procedure
+        while True:
+            try:
+                request = procedure.throw(error) if error is not None else procedure.send(answer)
+            except StopIteration as stop:
+                self._tasks.discard(task)
+                task.done(stop.value)
+                return
+            except BaseException:
+                self._tasks.discard(task)
+                task.done(None)
+                raise
+            if isinstance(request, proc.Wait):
+                self.park(task, request.read, request.write, request.timeout)
+                return
+            if isinstance(request, proc.Offload):
+                try:
+                    answer, error = request.fn(*request.args), None
+                except BaseException as exc:  # thrown into the procedure
+                    answer, error = None, exc
+                continue
+            if isinstance(request, proc.Turn):
+                self._ready.append((task, None, None))
+            else:
+                self._answers[type(request)](task, request)
+            return
+
+    def close(self) -> None:
+        """End every task at once (its procedure cleans up: scripts killed and reaped)."""
+        for task in list(self._tasks):
+            self.cancel(task)
+        self._epoll.close()
+
+
 class Service:
     """A stand-alone ``script`` service: listen, read headers, run scripts.
 
     Create it (which binds the listeners), then call :meth:`serve_forever`
     in some thread and :meth:`stop` from another (or a signal handler).
-    Also a context manager that stops it on exit.
+    Every connection is served in that one thread, by one ``epoll`` loop:
+    no thread per connection.  Also a context manager that stops it on exit.
 
     Args:
         listeners: where to listen (:class:`UnixListener`, :class:`TcpListener`,
@@ -121,14 +255,13 @@ class Service:
     def __init__(self, listeners: Sequence[Listener], config: ServiceConfig) -> None:
         self.config = config
         self._listeners = Listeners(listeners, config)
-        lock = threading.RLock()
-        self._jobs = proc.Jobs(lock=lock)
-        self._done = threading.Condition(lock)
+        self._jobs = proc.Jobs()
         self._stop = StopSignal()
-        self._work: queue.SimpleQueue[tuple[socket.socket, str] | None] = queue.SimpleQueue()
-        self._workers: set[threading.Thread] = set()
-        self._idle = 0  # workers waiting for a connection
-        self._slots = threading.BoundedSemaphore(config.max_connections)
+        self._loop = _Loop({proc.WaitJobs: self._wait_jobs})
+        self._conns: set[socket.socket] = set()
+        self._acceptor: _Task | None = None
+        self._full = False  # the acceptor waits for the stop alone
+        self._winder: _Task | None = None
         self._serving = False
 
     @property
@@ -144,6 +277,7 @@ class Service:
         if not self._serving:  # serve_forever() never ran: clean up here
             self._listeners.close()
             self._stop.close()
+            self._loop.close()
 
     def stop(self) -> None:
         """Stop accepting; :meth:`serve_forever` then winds down and returns.
@@ -157,81 +291,69 @@ class Service:
 
         Running scripts get ``config.grace`` seconds to finish; then they are
         terminated (SIGTERM, SIGKILL).  Unix socket files created are removed.
+        A ``KeyboardInterrupt`` stops the service the same way and is raised
+        at the end; a second one, or one during the stop, ends every
+        connection at once (scripts killed and reaped) and is raised.
         """
         self._serving = True
+        interrupted: BaseException | None = None
         try:
-            while not self._stop.is_set():
-                # Take a slot before accepting: extra clients wait in the backlog.
-                if not self._slots.acquire(timeout=0.1):
-                    continue
-                accept = proc.accept(self._listeners.sockets, self.config, self._stop,
-                                     wait_first=True)
-                client = _drive(accept)
-                if client is None:
-                    self._slots.release()
-                    break
-                self._hand_over(client)
+            self._accept_next()
+            while len(self._loop):
+                try:
+                    self._loop.run()
+                except BaseException as exc:
+                    if interrupted is not None or self._winder is not None:
+                        raise
+                    interrupted = exc
+                    self.stop()
         finally:
+            self._loop.close()
+            for conn in self._conns:
+                conn.close()
             self._listeners.close()
-            _drive(proc.wind_down(self._jobs, self.config),
-                   {**_ANSWERS, proc.WaitJobs: self._wait_jobs})
-            with self._jobs.lock:
-                workers = list(self._workers)
-                for _ in workers:
-                    self._work.put(None)
-            for worker in workers:
-                worker.join()
             self._stop.close()
+        if interrupted is not None:
+            raise interrupted
 
-    async def _wait_jobs(self, request: proc.WaitJobs) -> bool:
-        with self._done:
-            return self._done.wait_for(lambda: not len(self._jobs), request.timeout)
+    def _accept_next(self) -> None:
+        # With a slot free, accept; else wait for the stop alone (extra
+        # clients wait in the listen backlog).
+        self._full = len(self._jobs) >= self.config.max_connections
+        accept = proc.accept([] if self._full else self._listeners.sockets, self.config,
+                             self._stop)
+        self._acceptor = self._loop.start(accept, self._accepted)
 
-    def _hand_over(self, client: tuple[socket.socket, str]) -> None:
-        # To an idle worker, a new one only when none is idle: a thread start
-        # per connection cost a third of the accept loop's time (and a
-        # ThreadPoolExecutor's futures and conditions 10 % of a request's).
-        with self._jobs.lock:
-            start = self._idle == 0
-            self._idle -= 0 if start else 1
-            self._work.put(client)
-            if start:
-                worker = threading.Thread(target=self._worker, daemon=True)
-                self._workers.add(worker)
-        if start:
-            worker.start()
-
-    def _worker(self) -> None:
-        # At most max_connections workers; one idle for a minute ends.
-        while True:
-            try:
-                client = self._work.get(timeout=60.0)
-            except queue.Empty:
-                with self._jobs.lock:
-                    if self._idle > 0:  # else a connection is on its way to it
-                        self._idle -= 1
-                        self._workers.discard(threading.current_thread())
-                        return
-                continue
-            if client is None:
-                return
-            self._handle(*client)
-            with self._jobs.lock:
-                self._idle += 1
-
-    def _handle(self, conn: socket.socket, peer: str) -> None:
-        # A blocking thread cannot be cancelled: shutting the socket down
-        # ends whatever the procedure waits for on it.
+    def _accepted(self, client: tuple[socket.socket, str] | None) -> None:
+        self._acceptor = None
+        if client is None:  # stopped
+            self._listeners.close()
+            self._winder = self._loop.start(proc.wind_down(self._jobs, self.config), bool)
+            return
+        conn, peer = client
+        # Shutting the socket down ends whatever the procedure waits for on it.
         job = proc.Job(cancel=lambda: conn.shutdown(socket.SHUT_RDWR))
         self._jobs.add(job)
-        try:
-            _drive(proc.serve_connection(conn, peer, self.config, job, self._jobs))
-        finally:
-            with self._done:
-                self._jobs.discard(job)
-                self._done.notify_all()
-            conn.close()
-            self._slots.release()
+        self._conns.add(conn)
+        self._loop.start(proc.serve_connection(conn, peer, self.config, job, self._jobs),
+                         lambda _: self._finished(job, conn))
+        self._accept_next()
+
+    def _finished(self, job: proc.Job, conn: socket.socket) -> None:
+        self._jobs.discard(job)
+        self._conns.discard(conn)
+        conn.close()
+        if self._winder is not None:
+            if not len(self._jobs):
+                self._loop.wake(self._winder)
+        elif self._full and self._acceptor is not None:  # a slot is free again
+            self._loop.cancel(self._acceptor)
+            self._accept_next()
+
+    def _wait_jobs(self, task: _Task, request: proc.WaitJobs) -> None:
+        self._loop.park(task, timeout=request.timeout)
+        if not len(self._jobs):
+            self._loop.wake(task)
 
 
 def serve(
