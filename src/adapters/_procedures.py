@@ -584,15 +584,17 @@ def _run_fork(target: ForkTarget, argv: tuple[bytes, ...], environ: dict[bytes, 
 
 
 def start_run(target: Target | str, args: Iterable[BytesLike], options: RunOptions, *,
-              has_input: bool, output: Callable[[bytes], object] | None = None,
+              input: object, output: Callable[[bytes], object] | None = None,
               stream: bool = False) -> Procedure[RunResult]:
     r"""Check a run's arguments now and return the procedure that performs it.
 
     The output is collected into the result, unless there is an *output*
     callback (then it is read even with ``read_output=False``) or the run
     is *stream*\ ed by ``open_run()``: both take it as Deliver requests.
-    *has_input*: a payload will be asked for with NextInput (the fork
-    driver then gives the child a pipe rather than ``/dev/null``).
+    *input* is the payload as the caller gave it (None: no payload).  Up to
+    ``CHUNK`` bytes in memory go out with the header, in one send; any
+    other payload is asked for with NextInput (the fork driver then gives
+    the child a pipe rather than ``/dev/null``).
 
     Raises:
         LocalProtocolError: invalid arguments (a NUL byte, a bad URI...).
@@ -607,10 +609,13 @@ def start_run(target: Target | str, args: Iterable[BytesLike], options: RunOptio
     out = _Output(collect and read_output, deliver=read_output)
     if isinstance(resolved, ForkTarget):
         argv = fork_argv(resolved.path, args)
-        return _run_fork(resolved, argv, env, has_input, read_output, timeout, out)
+        return _run_fork(resolved, argv, env, input is not None, read_output, timeout, out)
     conn = ClientConnection(dot=isinstance(resolved, TcpTarget), read_output=read_output,
                             lenient_reset=options.get("lenient_reset", True))
     header = conn.send(Request(args=args, env=env.items(), noreply=options.get("noreply", False)))
+    if isinstance(input, (bytes, bytearray)) and len(input) <= CHUNK:
+        payload = conn.send(Data(data=bytes(input))) if input else b""
+        header += payload + conn.send(EndOfInput())
     return _run_socket(resolved, conn, header,
                        options.get("connect_timeout", DEFAULT_CONNECT_TIMEOUT), timeout, out)
 

@@ -134,7 +134,7 @@ async def run(target: Target | str, args: Iterable[BytesLike] = (), *, input: In
     Raises:
         LocalProtocolError: invalid arguments (a NUL byte, a bad URI...).
     """
-    procedure = proc.start_run(target, args, options, has_input=input is not None,
+    procedure = proc.start_run(target, args, options, input=input,
                                output=output)
     return await proc.drive(procedure, _answers(input, output))
 
@@ -150,7 +150,7 @@ def open_run(target: Target | str, args: Iterable[BytesLike] = (), *, input: Inp
     Raises:
         LocalProtocolError: invalid arguments (a NUL byte, a bad URI...).
     """
-    procedure = proc.start_run(target, args, options, has_input=input is not None,
+    procedure = proc.start_run(target, args, options, input=input,
                                stream=True)
     return RunStream(procedure, _answers(input, None))
 

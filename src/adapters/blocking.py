@@ -103,7 +103,7 @@ def run(target: Target | str, args: Iterable[BytesLike] = (), *, input: Input = 
         LocalProtocolError: invalid arguments (a NUL byte, a bad URI...).
 
     """
-    procedure = proc.start_run(target, args, options, has_input=input is not None,
+    procedure = proc.start_run(target, args, options, input=input,
                                output=output)
     return _drive(procedure, proc.run_answers(_ANSWERS, input, output, _unbounded))
 

@@ -140,7 +140,7 @@ def exchange(waiter: FakeWaiter, sock: socket.socket, conn: ClientConnection, he
 def run(waiter: FakeWaiter, target: UnixTarget | TcpTarget | ForkTarget, args: list[bytes],
         options: RunOptions, *, collect: bool = True, has_input: bool = False) -> RunResult:
     return waiter.run(procs.start_run(target, args, options, stream=not collect,
-                                      has_input=has_input))
+                                      input=object() if has_input else None))
 
 
 def failure(kind: ErrorKind, detail: str, *, target: str = LABEL,
@@ -372,6 +372,35 @@ def test_start_run_over_a_socket(clock: FakeClock, short_dir: str, driver: str,
             assert result == RunResult(Status.SUCCESS, output=b"out", target=target.label)
             assert received[0].startswith(V + b"env_A=1\n-\nx\n\nin")
             assert w.of(Wait)[-1].timeout == 8.0
+
+
+@pytest.mark.parametrize("driver", ["unix", "tcp"])
+def test_a_small_payload_goes_out_with_the_header(clock: FakeClock, short_dir: str, driver: str,
+                                                   tcp_listener: socket.socket) -> None:
+    # Up to CHUNK bytes in memory: one send, header and payload and its end,
+    # and no NextInput; a larger payload is asked for chunk by chunk.
+    target: UnixTarget | TcpTarget
+    with socket.socket(socket.AF_UNIX) as unix_listener:
+        if driver == "unix":
+            target = UnixTarget(os.path.join(short_dir, "s"))
+            unix_listener.bind(target.path)
+            unix_listener.listen(2)
+            server, reply, end = unix_listener, b"+\n", b"\n"
+        else:
+            target = TcpTarget("127.0.0.1", tcp_listener.getsockname()[1])
+            server, reply, end = tcp_listener, b".\r\n+\n", b".\r\n"
+        for payload, asked in ((b"in", 0), (b"", 0), (bytes(CHUNK + 1), 1)):
+            peers: list[socket.socket] = []
+            received: list[bytes] = []
+            w = FakeWaiter(clock, inputs=[b"in"])
+            w.on(Wait, _served_by(w, server, reply, peers, received), times=None)
+            result = w.run(procs.start_run(target, [b"x"], {}, input=payload))
+            with peers[0]:
+                assert result.status is Status.SUCCESS
+                assert len(w.of(NextInput)) == asked + (asked > 0)  # then the end
+                if not asked:
+                    assert received[0].startswith(V + b"-\nx\n\n" + payload)
+                    assert received[0].endswith(end + payload if driver == "unix" else end)
 
 
 def test_output_not_wanted_is_read_and_dropped(clock: FakeClock, short_dir: str) -> None:
@@ -1636,7 +1665,7 @@ def test_start_run_with_an_output_callback_reads_the_output(
         listener.bind(path)
         listener.listen()
         procedure = procs.start_run(UnixTarget(path), [], {"read_output": False},
-                                    has_input=False, output=lambda data: None)
+                                    input=None, output=lambda data: None)
         waiter = FakeWaiter(clock)
         with contextlib.suppress(Stuck):
             waiter.run(procedure)
