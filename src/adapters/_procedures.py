@@ -14,8 +14,7 @@ request         the driver waits for / does                          sends back
 ==============  ===================================================  =================
 ``Wait``        one of ``read`` readable or ``write`` writable,      True, or False
                 at most ``timeout`` seconds (no fds: a sleep)        when timed out
-``Offload``     ``fn(*args)`` off the event loop (name lookups, a    its result
-                spawn while other connections are served)
+``Offload``     ``fn(*args)`` off the event loop (a name lookup)     its result
 ``NextInput``   the caller's next payload chunk                      bytes, or None
 ``Deliver``     hand one output chunk to the caller                  None
 ``Turn``        let other tasks run (a loop that never had to wait)  None
@@ -145,20 +144,15 @@ class Wait:
 
 @dataclass(frozen=True, slots=True)
 class Offload:
-    """Call ``fn(*args)`` off the event loop; its result is sent back, its error thrown in.
+    """Call ``fn(*args)`` off the event loop (a name lookup); its result is sent back.
 
-    *abandon*: on cancellation the driver may stop waiting for it (a name
-    lookup; *timeout* applies to those only).  Otherwise the driver either
-    waits for it and throws the cancellation in at the next request, or,
-    when it cannot wait, hands the call's result to *undo* once it comes (a
-    spawn: the child is killed and reaped).
+    Its error is thrown in, and so is :class:`Expired` once *timeout* has
+    passed.  On cancellation the driver stops waiting for the call.
     """
 
     fn: Callable[..., Any]
     args: tuple[Any, ...]
-    abandon: bool = False
     timeout: float | None = None
-    undo: Callable[[Any], object] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,7 +284,7 @@ def _resolve(target: TcpTarget, deadline: float | None) -> Procedure[list[Any]]:
     try:
         infos = yield Offload(socket.getaddrinfo, (target.host, target.port, 0,
                                                    socket.SOCK_STREAM),
-                              abandon=True, timeout=_left(deadline))
+                              timeout=_left(deadline))
     except Expired:
         raise _ConnectTimeout from None
     return list(infos)
@@ -959,10 +953,6 @@ def close_gently(sock: socket.socket, drain_for: float) -> Procedure[None]:
             pass
 
 
-def _spawn_on(argv: tuple[bytes, ...], environ: dict[bytes, bytes], fd: int) -> int:
-    return spawn(argv, environ, stdin=fd, stdout=fd)
-
-
 def run_script(sock: socket.socket, svc: ServiceConnection, request: ScriptRequest,
                config: ServiceConfig, job: Job, jobs: Jobs) -> Procedure[str]:
     """Run the script on the connection, reply, close; say how it went, for the log."""
@@ -970,13 +960,10 @@ def run_script(sock: socket.socket, svc: ServiceConnection, request: ScriptReque
     sock.setblocking(True)  # the script gets a blocking socket
     try:
         try:
-            if len(jobs) > 1:
-                # posix_spawn blocks until the child runs (about half a
-                # millisecond): with other connections to serve, off the loop.
-                pid = yield Offload(_spawn_on, (request.argv, request.environ, fd),
-                                    undo=_reap_orphan)
-            else:
-                pid = _spawn_on(request.argv, request.environ, fd)
+            # Right here, even with other connections to serve: posix_spawn
+            # blocks only until the child runs, and a thread hop costs more
+            # (benchmarks/README.md, "spawn in place").
+            pid = spawn(request.argv, request.environ, stdin=fd, stdout=fd)
         except OSError as exc:
             config.logger.error("execvp(%s) failed: %s", os.fsdecode(request.argv[0]),
                                 exc.strerror)

@@ -3,7 +3,7 @@
 The procedures are the shared ones of ``_procedures.py``; this module only
 waits for what they ask: readiness callbacks on raw descriptors
 (``loop.add_reader``/``add_writer``) for sockets, pipes and the pidfds of
-children alike, the default executor for calls that block.  No transports,
+children alike, the default executor for a name lookup.  No transports,
 no asyncio subprocess API, no child watcher: each child is reaped by the
 procedure that started it.
 
@@ -17,7 +17,6 @@ cancellation skips the waiting.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures.thread  # noqa: F401 (see below)
 from collections.abc import (
     Awaitable,
     Callable,
@@ -49,9 +48,6 @@ from ._procedures import RunStream
 __all__ = ["RunStream", "open_run", "run", "serve"]
 
 T = TypeVar("T")
-# The default executor's module is imported lazily, by the first spawn off
-# the loop; after serve(user=...) dropped privileges that import can fail
-# (an interpreter under /root): it is imported above, with this module.
 
 
 def _wake(waiter: asyncio.Future[bool], value: bool) -> None:
@@ -95,17 +91,8 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
 
 async def _offload(request: proc.Offload) -> Any:
     future = asyncio.get_running_loop().run_in_executor(None, request.fn, *request.args)
-    future.add_done_callback(_retrieve)
-    if request.abandon:
-        return await _within(future, request.timeout)
-    try:
-        return await asyncio.shield(future)
-    except asyncio.CancelledError:
-        undo = request.undo
-        if undo is not None:  # the result nobody receives is undone when it comes
-            future.add_done_callback(
-                lambda done: done.cancelled() or done.exception() or undo(done.result()))
-        raise
+    future.add_done_callback(_retrieve)  # abandoned on cancellation: nobody awaits it
+    return await _within(future, request.timeout)
 
 
 async def _turn(request: proc.Turn) -> None:

@@ -124,8 +124,7 @@ class _Loop:
     """Drives many procedures in one thread: each waits on ``epoll``, none blocks the others.
 
     *answers* handles the requests other than Wait, Offload and Turn (the
-    service's WaitJobs).  An Offload runs in place: on the service side
-    that is a spawn, which blocks only until the child runs.
+    service's WaitJobs).  An Offload runs in place (a service asks for none).
     """
 
     def __init__(self, answers: Mapping[type, Callable[[_Task, Any], object]]) -> None:

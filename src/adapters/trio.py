@@ -3,7 +3,7 @@
 The procedures are the shared ones of ``_procedures.py``; this module only
 waits for what they ask: ``trio.lowlevel.wait_readable``/``wait_writable``
 on one descriptor (sockets, pipes, pidfds alike), or on an epoll descriptor
-holding several, and worker threads for calls that block.
+holding several, and a worker thread for a name lookup.
 
 * ``run()`` returns the same :class:`RunResult` as the blocking flavour in
   every situation; cancelling it closes the connection, or kills (SIGKILL)
@@ -96,8 +96,8 @@ async def _within(awaitable: Awaitable[T], seconds: float | None) -> T:
 
 
 async def _offload(request: proc.Offload) -> Any:
-    call = trio.to_thread.run_sync(request.fn, *request.args, abandon_on_cancel=request.abandon)
-    return await (_within(call, request.timeout) if request.abandon else call)
+    call = trio.to_thread.run_sync(request.fn, *request.args, abandon_on_cancel=True)
+    return await _within(call, request.timeout)
 
 
 async def _turn(request: proc.Turn) -> None:

@@ -251,7 +251,7 @@ def test_tcp_addresses_share_what_is_left_of_the_timeout(
     lookup, = w.of(Offload)
     assert (lookup.fn, lookup.args) == (socket.getaddrinfo,
                                         ("db.example", 2000, 0, socket.SOCK_STREAM))
-    assert lookup.abandon and lookup.timeout == 3.0 and lookup.undo is None
+    assert lookup.timeout == 3.0
     waits = w.of(Wait)
     assert all(len(r.write) == 1 and not r.read for r in waits)
     # 3 s for 3 addresses; the refused one took no time, the silent one its share.
@@ -895,9 +895,10 @@ def test_run_script_inline_replies_and_closes(
     assert not ours.getblocking()
 
 
-def test_run_script_spawns_off_the_loop_when_others_are_served(
+def test_run_script_spawns_in_place_when_others_are_served(
         clock: FakeClock, logger: logging.Logger,
         pair: tuple[socket.socket, socket.socket]) -> None:
+    # A thread hop per spawn cost more than the spawn blocks the loop.
     ours, peer = pair
     peer.sendall(V + b"-\n\n")
     peer.shutdown(socket.SHUT_WR)
@@ -905,31 +906,8 @@ def test_run_script_spawns_off_the_loop_when_others_are_served(
     jobs.add(Job(cancel=lambda: None))
     w = FakeWaiter(clock)
     assert serve(w, ours, config(logger, b"/bin/sh", b"-c", b"exit 4"), jobs) == "exit 4"
-    spawn, = w.of(Offload)
-    assert spawn.fn is procs._spawn_on and spawn.undo is procs._reap_orphan
-    assert spawn.args == ((b"/bin/sh", b"-c", b"exit 4"), {}, ours.fileno())
-    assert not spawn.abandon
+    assert not w.of(Offload)
     assert read_all(peer) == b"-\n"
-
-
-def test_run_script_offload_undone_on_cancellation(
-        clock: FakeClock, logger: logging.Logger,
-        pair: tuple[socket.socket, socket.socket]) -> None:
-    # A driver that cannot wait for the spawn hands its pid to undo.
-    ours, peer = pair
-    peer.sendall(V + b"-\n\n")
-    jobs = Jobs()
-    jobs.add(Job(cancel=lambda: None))
-
-    def cancelled(request: Offload) -> None:
-        assert request.undo is not None
-        request.undo(request.fn(*request.args))
-        raise KeyboardInterrupt
-
-    w = FakeWaiter(clock).on(Offload, cancelled)
-    with pytest.raises(KeyboardInterrupt):
-        serve(w, ours, config(logger, b"/bin/sleep", b"60"), jobs)
-    assert not ours.getblocking()
 
 
 def test_run_script_spawn_failure(clock: FakeClock, logger: logging.Logger,
