@@ -3,9 +3,10 @@
 How long until the last of N clients has its result, how many of them met
 a full listen backlog (EAGAIN on a unix connect, retried every 100 ms as
 Dovecot's clients do), and what the service cost in memory and threads,
-for ``execproto serve`` in each flavour (``--max-connections N``) and for
-Dovecot's own ``script`` service (``process_limit = N + 100``).  The floor
-is one second of sleep plus N spawns shared by two cores.
+for ``execproto serve`` in each flavour (``--max-connections N``), for the
+minimal Python service of ``bench_e2e.py`` (the *ceiling*: the floor a
+Python service has on this machine) and for Dovecot's own ``script``
+service (``process_limit = N + 100``).
 
     python benchmarks/bench_burst.py                 # N = 100, 1000, 5000
     python benchmarks/bench_burst.py --sizes 1000 --rounds 3
@@ -168,11 +169,25 @@ def wait_socket(path: str, limit: float = 20.0) -> None:
 
 def measure_execproto(flavour: str, tmp: Path, script: Path, size: int,
                       limit: float) -> dict[str, float]:
+    """``execproto serve`` in one flavour, ``--max-connections`` covering the burst."""
     path = str(tmp / f"{flavour}.sock")
-    service = subprocess.Popen(
+    return measure_process(
         [sys.executable, "-m", "execproto", "serve", "--unix", path, "--max-connections",
          str(size), "--adapter", flavour, "--log-level", "WARNING", "--grace", "5", str(script)],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        path, size, limit)
+
+
+def measure_ceiling(tmp: Path, script: Path, size: int, limit: float) -> dict[str, float]:
+    """The minimal service of bench_e2e.py: the least a Python service does per request."""
+    path = str(tmp / "ceiling.sock")
+    return measure_process([sys.executable, str(HERE / "bench_e2e.py"), "--ceiling", path,
+                            str(script)], path, size, limit)
+
+
+def measure_process(argv: list[str], path: str, size: int, limit: float) -> dict[str, float]:
+    """Start a service process listening on *path*, burst it, stop it (SIGTERM, then SIGKILL)."""
+    service = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
     try:
         wait_socket(path)
         seconds, eagain, failures = burst(path, size, limit)
@@ -217,11 +232,15 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1, help="rounds per cell (median shown)")
     ap.add_argument("--flavours", default=",".join(FLAVOURS))
     ap.add_argument("--no-dovecot", action="store_true", help="leave Dovecot out")
+    ap.add_argument("--no-ceiling", action="store_true",
+                    help="leave out the minimal Python service (the floor on this machine)")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4 * max(sizes) + 1000)), hard))
     services = [f for f in args.flavours.split(",") if f]
+    if not args.no_ceiling:
+        services.append("ceiling")
     if not args.no_dovecot:
         services.append("dovecot")
     print(f"| burst (scripts sleeping 1 s) | {' | '.join(services)} |")
@@ -239,6 +258,8 @@ def main() -> int:
                 for name in services:
                     if name == "dovecot":
                         cells[name].append(measure_dovecot(tmp, script, size, limit))
+                    elif name == "ceiling":
+                        cells[name].append(measure_ceiling(tmp, script, size, limit))
                     else:
                         cells[name].append(measure_execproto(name, tmp, script, size, limit))
 

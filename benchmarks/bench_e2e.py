@@ -175,7 +175,7 @@ def ceiling_main(unix_path: str, tcp_port: int | None, script: str) -> None:
         listeners.append(tcp)
     sel = selectors.EpollSelector()
     for sock in listeners:
-        sock.listen(1024)
+        sock.listen(socket.SOMAXCONN)  # capped by net.core.somaxconn
         sock.setblocking(False)
         sel.register(sock, selectors.EVENT_READ, None)
     path = os.fsencode(script)
