@@ -124,10 +124,12 @@ TCP_TEXT = b"".join(
     for _ in range(16))
 CONCURRENCY = (1, 16, 64)
 
-GOAL_EVERY = 2.0
-GOAL_FASTEST = 2.5
+#: Every flavour's requests/s, at least this fraction of the ceiling's in the same run.
+GOAL_CEILING = 0.90
+#: Every flavour's server CPU per request, at most this multiple of the ceiling's.
+GOAL_CEILING_CPU = 1.15
 GOAL_STREAM = 0.95
-GOAL_FORK = 1.3
+GOAL_FORK = 1.2
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -711,7 +713,6 @@ def report(results: Results, servers: Sequence[Server], clients: Sequence[str],
     """
     out: list[str] = []
     missed: list[str] = []
-    flavours = [s for s in servers if s.key in FLAVOURS]
     forks = [v for g in variant_groups("bare", clients, before) for v in g]
     runs = [v for g in variant_groups("raw", clients, before) for v in g]
     if "requests" in plan.sections:
@@ -724,22 +725,25 @@ def report(results: Results, servers: Sequence[Server], clients: Sequence[str],
                 base = med(results, ("requests", script, str(c), "dovecot"), "rate")
                 rates = {s.key: med(results, ("requests", script, str(c), s.key), "rate")
                          for s in servers}
-                fastest = max((s.key for s in flavours), key=rates.__getitem__, default=None)
+                cpus = {s.key: med(results, ("requests", script, str(c), s.key), "cpu_per_req")
+                        for s in servers}
                 for s in servers:
                     key = ("requests", script, str(c), s.key)
                     ratio = rates[s.key] / base
                     goal = ""
                     if s.key in FLAVOURS:
-                        goal = _goal(ratio >= GOAL_EVERY, f"≥ {GOAL_EVERY}×")
-                        if ratio < GOAL_EVERY:
-                            missed.append(f"{s.label}, {title}, C={c}: {ratio:.2f}× "
-                                          f"(goal {GOAL_EVERY}×)")
-                        if s.key == fastest:
-                            goal += "; " + _goal(ratio >= GOAL_FASTEST,
-                                                 f"fastest ≥ {GOAL_FASTEST}×")
-                            if ratio < GOAL_FASTEST:
-                                missed.append(f"fastest flavour ({s.label}), {title}, C={c}: "
-                                              f"{ratio:.2f}× (goal {GOAL_FASTEST}×)")
+                        share = rates[s.key] / rates["ceiling"]
+                        cpu = cpus[s.key] / cpus["ceiling"]
+                        goal = (_goal(share >= GOAL_CEILING, f"≥ {GOAL_CEILING:.2f}× ceiling")
+                                + "; " + _goal(cpu <= GOAL_CEILING_CPU,
+                                               f"CPU {cpu:.2f}× ≤ {GOAL_CEILING_CPU:.2f}×"))
+                        if share < GOAL_CEILING:
+                            missed.append(f"{s.label}, {title}, C={c}: {share:.2f}× the "
+                                          f"ceiling's requests/s (goal {GOAL_CEILING:.2f}×)")
+                        if cpu > GOAL_CEILING_CPU:
+                            missed.append(f"{s.label}, {title}, C={c}: {cpu:.2f}× the "
+                                          f"ceiling's CPU per request "
+                                          f"(goal {GOAL_CEILING_CPU:.2f}×)")
                     out.append(
                         f"| {title} | {c} | {s.label} | {rates[s.key]:,.0f} | {ratio:.2f} "
                         f"| {rates[s.key] / rates['ceiling']:.2f} "
