@@ -350,19 +350,25 @@ def _served_by(waiter: FakeWaiter, server: socket.socket, reply: bytes,
     return answer
 
 
+@contextlib.contextmanager
+def _listening(driver: str, short_dir: str, tcp_listener: socket.socket
+               ) -> Iterator[tuple[UnixTarget | TcpTarget, socket.socket]]:
+    """A target of *driver* ("unix" or "tcp") and the listening socket behind it."""
+    with socket.socket(socket.AF_UNIX) as unix_listener:
+        if driver == "unix":
+            path = os.path.join(short_dir, "s")
+            unix_listener.bind(path)
+            unix_listener.listen(2)
+            yield UnixTarget(path), unix_listener
+        else:
+            yield TcpTarget("127.0.0.1", tcp_listener.getsockname()[1]), tcp_listener
+
+
 @pytest.mark.parametrize("driver", ["unix", "tcp"])
 def test_start_run_over_a_socket(clock: FakeClock, short_dir: str, driver: str,
                                  tcp_listener: socket.socket) -> None:
-    target: UnixTarget | TcpTarget
-    with socket.socket(socket.AF_UNIX) as unix_listener:
-        if driver == "unix":
-            target = UnixTarget(os.path.join(short_dir, "s"))
-            unix_listener.bind(target.path)
-            unix_listener.listen(1)
-            server, reply = unix_listener, b"out+\n"
-        else:
-            target = TcpTarget("127.0.0.1", tcp_listener.getsockname()[1])
-            server, reply = tcp_listener, b"out\r\n.\r\n+\n"
+    with _listening(driver, short_dir, tcp_listener) as (target, server):
+        reply = b"out+\n" if driver == "unix" else b"out\r\n.\r\n+\n"
         peers: list[socket.socket] = []
         received: list[bytes] = []
         w = FakeWaiter(clock, inputs=[b"in"])
@@ -379,16 +385,8 @@ def test_a_small_payload_goes_out_with_the_header(clock: FakeClock, short_dir: s
                                                    tcp_listener: socket.socket) -> None:
     # Up to CHUNK bytes in memory: one send, header and payload and its end,
     # and no NextInput; a larger payload is asked for chunk by chunk.
-    target: UnixTarget | TcpTarget
-    with socket.socket(socket.AF_UNIX) as unix_listener:
-        if driver == "unix":
-            target = UnixTarget(os.path.join(short_dir, "s"))
-            unix_listener.bind(target.path)
-            unix_listener.listen(2)
-            server, reply, end = unix_listener, b"+\n", b"\n"
-        else:
-            target = TcpTarget("127.0.0.1", tcp_listener.getsockname()[1])
-            server, reply, end = tcp_listener, b".\r\n+\n", b".\r\n"
+    with _listening(driver, short_dir, tcp_listener) as (target, server):
+        reply, end = (b"+\n", b"\n") if driver == "unix" else (b".\r\n+\n", b".\r\n")
         for payload, asked in ((b"in", 0), (b"", 0), (bytes(CHUNK + 1), 1)):
             peers: list[socket.socket] = []
             received: list[bytes] = []
