@@ -26,12 +26,11 @@ other side accepts (backpressure), so memory per connection is bounded by
 two chunks plus the observer's header limit.  A connection on which nothing
 moves for ``idle_timeout`` seconds is closed.
 
-Why the blocking flavour: copying two sockets is one ``poll()`` loop per
-connection, with nothing to share between connections; the blocking
-:class:`~.blocking.Service` already shows the accept loop, the connection
-slots and the stop; and a script service sees few clients at once.  The
-procedure itself waits only through ``Wait`` requests, so the asyncio or
-trio driver could run it too.
+Why a thread per connection: copying two sockets is one ``poll()`` loop per
+connection, with nothing to share between connections, and a tap sees few
+clients at once.  The procedure itself waits only through ``Wait``
+requests, so the asyncio or trio driver, or the blocking service's
+``epoll`` loop, could run it too.
 """
 
 from __future__ import annotations
