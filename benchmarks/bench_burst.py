@@ -186,10 +186,15 @@ def measure_ceiling(tmp: Path, script: Path, size: int, limit: float) -> dict[st
 
 def measure_process(argv: list[str], path: str, size: int, limit: float) -> dict[str, float]:
     """Start a service process listening on *path*, burst it, stop it (SIGTERM, then SIGKILL)."""
-    service = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    log = Path(path).with_suffix(".log")
+    with log.open("wb") as stderr:
+        service = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
     try:
-        wait_socket(path)
+        try:
+            wait_socket(path)
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}; exit status {service.poll()}; stderr: "
+                               f"{log.read_text(errors='replace')[-2000:]}") from None
         seconds, eagain, failures = burst(path, size, limit)
         return {"seconds": seconds, "eagain": eagain, "failures": failures,
                 "rss_mb": status(service.pid, "VmHWM") / 1024,
