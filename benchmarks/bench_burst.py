@@ -187,6 +187,7 @@ def measure_ceiling(tmp: Path, script: Path, size: int, limit: float) -> dict[st
 def measure_process(argv: list[str], path: str, size: int, limit: float) -> dict[str, float]:
     """Start a service process listening on *path*, burst it, stop it (SIGTERM, then SIGKILL)."""
     log = Path(path).with_suffix(".log")
+    Path(path).unlink(missing_ok=True)  # the ceiling, killed, leaves its socket file
     with log.open("wb") as stderr:
         service = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr)
     try:

@@ -423,8 +423,9 @@ def log_request(
     logger: logging.Logger, peer: str, request: ScriptRequest, how: str, duration: float
 ) -> None:
     """Write the one log line per request: peer, args (sanitized), outcome, duration."""
-    logger.info("%s: args=[%s] %s duration=%.3fs", peer, sanitize_args(request.args), how,
-                duration)
+    if logger.isEnabledFor(logging.INFO):  # the args are rendered only for a line written
+        logger.info("%s: args=[%s] %s duration=%.3fs", peer, sanitize_args(request.args),
+                    how, duration)
 
 
 def log_bad_header(logger: logging.Logger, peer: str, error: RemoteProtocolError) -> None:
