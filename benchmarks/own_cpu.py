@@ -1,0 +1,118 @@
+"""Own CPU per request: each flavour's service process beside the minimal one.
+
+A service's *own* CPU is its process's utime + stime, without the scripts it
+reaps: the part of a request that is the service's Python.  Each service
+(``execproto serve --adapter X`` and the ceiling of ``bench_e2e.py``) serves
+``/bin/true`` on a unix socket in a temporary directory; a client process
+sends N requests, C at a time, after a warm-up of 300.  Plain standard
+library, no Dovecot, every wait bounded.
+
+    python benchmarks/own_cpu.py                     # C = 1, 3,000 requests, two rounds
+    python benchmarks/own_cpu.py --concurrency 16 --requests 5000
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REQUEST = b"VERSION\tscript\t4\t0\n-\n\n"
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def load(path: str, concurrency: int, total: int) -> float:
+    """Send *total* requests, *concurrency* at a time; requests/s."""
+    left = [total]
+    lock = threading.Lock()
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if not left[0]:
+                    return
+                left[0] -= 1
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.settimeout(10.0)
+                sock.connect(path)
+                sock.sendall(REQUEST)
+                sock.shutdown(socket.SHUT_WR)
+                reply = b""
+                while chunk := sock.recv(64):
+                    reply += chunk
+                if reply != b"+\n":
+                    raise RuntimeError(f"unexpected reply {reply!r}")
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return total / (time.monotonic() - started)
+
+
+def own_cpu(pid: int) -> float:
+    """utime + stime of *pid* in seconds (its reaped children not included)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def measure(argv: list[str], path: str, concurrency: int, total: int) -> tuple[float, float]:
+    """Own CPU µs per request and requests/s of the service *argv* listening on *path*."""
+    service = subprocess.Popen(argv, cwd=HERE.parent, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20.0
+        while not os.path.exists(path):
+            if time.monotonic() > deadline or service.poll() is not None:
+                raise RuntimeError(f"{argv} did not listen on {path}")
+            time.sleep(0.05)
+        load(path, concurrency, 300)
+        before = own_cpu(service.pid)
+        rate = load(path, concurrency, total)
+        return (own_cpu(service.pid) - before) / total * 1e6, rate
+    finally:
+        service.terminate()
+        service.wait(30)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap.add_argument("--concurrency", type=int, default=1)
+    ap.add_argument("--requests", type=int, default=3000)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--flavours", default="blocking,asyncio,trio")
+    args = ap.parse_args()
+    names = ["ceiling", *args.flavours.split(",")]
+    print(f"| service | own CPU µs/request | requests/s |  (C = {args.concurrency}, "
+          f"{args.requests} requests, each round listed)")
+    print("| --- | ---: | ---: |")
+    rows: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+    with tempfile.TemporaryDirectory(prefix="execproto-own-") as tmp:
+        for round_ in range(args.rounds):
+            for name in names:
+                path = os.path.join(tmp, f"{name}-{round_}.sock")
+                if name == "ceiling":
+                    argv = [sys.executable, str(HERE / "bench_e2e.py"), "--ceiling", path,
+                            "/bin/true"]
+                else:
+                    argv = [sys.executable, "-m", "execproto", "serve", "--unix", path,
+                            "--adapter", name, "--log-level", "WARNING", "/bin/true"]
+                rows[name].append(measure(argv, path, args.concurrency, args.requests))
+    for name, values in rows.items():
+        print(f"| {name} | {' / '.join(f'{us:.0f}' for us, _ in values)} "
+              f"| {' / '.join(f'{rate:,.0f}' for _, rate in values)} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
