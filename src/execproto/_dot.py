@@ -12,7 +12,7 @@ The decoder (``istream-dot`` with TRIM_TRAIL and LOOSE_EOT) is a small state
 machine over bytes; only a ``.`` at the start of a line is special.  Running
 that machine byte by byte in Python would be slow, so both classes only walk
 the states at chunk boundaries (at most a few bytes) and handle the rest of a
-chunk with ``bytes.find``/``bytes.replace``.  The states are::
+chunk with whole-chunk ``re``/``bytes`` calls, which run in C.  The states are::
 
     DATA    inside a line, nothing held back
     CR      a CR was the last byte; it may start a CRLF line break (held back)
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import enum
 import re
+from typing import Any
 
 from typing_extensions import Buffer
 
@@ -214,7 +215,40 @@ class DotDecoder:
             self._state = st
             return b"".join(out)
         # Fast path: inside a line at data[i].  Only "\n." can start a special
-        # line; everything else is copied in slices.
+        # line.  One regex split finds every dot-line; if none of them can be
+        # the end marker (the byte after the dot is never CR or LF, and no
+        # dot-line is cut by the end of the chunk), dropping their dots is
+        # joining the pieces with "\n".  min() finds the smallest piece in C:
+        # an empty one or one that starts with a byte up to CR sends the chunk
+        # to the byte-exact loop below (the end marker's chunk, in practice).
+        parts: list[Any] = _DOT_LINE.split(data[i:] if i else data)
+        if len(parts) > 1 and min(parts[1:])[:1] <= b"\r":
+            return self._scan(data, i, out)
+        tail = parts[-1]
+        last = tail[-1]
+        if last == _LF:
+            # The line break is held back (BOL).  Its CR is ours when it is in
+            # the same piece (see the slow path's exits).
+            if len(tail) > 1 and tail[-2] == _CR:
+                self._brk, parts[-1] = b"\r\n", memoryview(tail)[:-2]
+            else:
+                self._brk, parts[-1] = b"\n", memoryview(tail)[:-1]
+            self._state = _DecState.BOL
+        elif last == _CR:
+            parts[-1] = memoryview(tail)[:-1]
+            self._state = _DecState.CR
+        else:
+            self._state = _DecState.DATA
+        if out:
+            parts[0] = b"".join([*out, parts[0]])
+        if len(parts) == 1:
+            only = parts[0]
+            return only if type(only) is bytes else bytes(only)
+        return b"\n".join(parts)
+
+    def _scan(self, data: bytes, i: int, out: list[bytes | memoryview]) -> bytes:
+        """Decode data[i:], inside a line, with a loop over its dot-lines."""
+        n = len(data)
         start = i
         copy_from = i
         mv = memoryview(data)
