@@ -30,6 +30,7 @@ chunking, and the same output for every chunking.
 from __future__ import annotations
 
 import enum
+import io
 import re
 from typing import Any
 
@@ -42,6 +43,20 @@ __all__ = ["DotDecoder", "DotEncoder"]
 _CR, _LF, _DOT = 0x0D, 0x0A, 0x2E
 # One regex pass stuffs dots faster than bytes.replace with a 2-byte pattern.
 _DOT_LINE = re.compile(rb"\n\.")
+
+
+def _crlf_only(data: bytes) -> bool:
+    """Whether every CR of *data* starts a CRLF and every LF ends one (not a final CR).
+
+    The obvious test, ``count(b"\\r\\n") == count(b"\\r") == count(b"\\n")``,
+    scans the data three times, once with CPython's two-byte search; the
+    universal-newlines decoder of the io module (a pure transform, no I/O)
+    records which kinds of line break it met in one scan.  It holds back a
+    final CR without classifying it: the caller checks that byte itself.
+    """
+    seen = io.IncrementalNewlineDecoder(None, translate=False)
+    seen.decode(data.decode("latin-1"))
+    return seen.newlines == "\r\n"
 
 
 class _EncState(enum.Enum):
@@ -101,11 +116,10 @@ class DotEncoder:
         last = rest[-1]
         if b"\r" not in rest:  # LF text
             out = _DOT_LINE.sub(b"\n..", rest).replace(b"\n", b"\r\n")
-        elif last != _CR and (lf := rest.count(b"\n")) == rest.count(b"\r") == rest.count(
-                b"\r\n"):
+        elif last != _CR and _crlf_only(rest):
             # CRLF text (every CR starts a CRLF, every LF ends one): only
             # dots to stuff.  A final CR could start a CRLF split across chunks.
-            out = _DOT_LINE.sub(b"\n..", rest) if lf else rest
+            out = _DOT_LINE.sub(b"\n..", rest)
         else:
             # Work in "LF space": every CRLF becomes LF, so every CR left is
             # bare; stuff dots there, then turn every LF back into CRLF.
