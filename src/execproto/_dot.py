@@ -46,13 +46,14 @@ _DOT_LINE = re.compile(rb"\n\.")
 
 
 def _crlf_only(data: bytes) -> bool:
-    """Whether every CR of *data* starts a CRLF and every LF ends one (not a final CR).
+    """Whether *data* has a CRLF, every CR but a final one starts a CRLF and every LF ends one.
 
     The obvious test, ``count(b"\\r\\n") == count(b"\\r") == count(b"\\n")``,
     scans the data three times, once with CPython's two-byte search; the
     universal-newlines decoder of the io module (a pure transform, no I/O)
     records which kinds of line break it met in one scan.  It holds back a
-    final CR without classifying it: the caller checks that byte itself.
+    final CR without classifying it, as the encoder needs: that CR may
+    start a CRLF split across chunks.
     """
     seen = io.IncrementalNewlineDecoder(None, translate=False)
     seen.decode(data.decode("latin-1"))
@@ -116,9 +117,10 @@ class DotEncoder:
         last = rest[-1]
         if b"\r" not in rest:  # LF text
             out = _DOT_LINE.sub(b"\n..", rest).replace(b"\n", b"\r\n")
-        elif last != _CR and _crlf_only(rest):
+        elif _crlf_only(rest):
             # CRLF text (every CR starts a CRLF, every LF ends one): only
-            # dots to stuff.  A final CR could start a CRLF split across chunks.
+            # dots to stuff.  A final CR is sent as it is; the next chunk
+            # tells whether it started a CRLF (state CR).
             out = _DOT_LINE.sub(b"\n..", rest)
         else:
             # Work in "LF space": every CRLF becomes LF, so every CR left is
