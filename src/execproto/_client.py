@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from typing import NoReturn
 
 from typing_extensions import Buffer
 
@@ -75,6 +76,8 @@ class ClientState(enum.Enum):
 
 
 _NO_RECEIVE = frozenset({ClientState.IDLE, ClientState.DONE, ClientState.ERROR})
+_SENDING, _SENT, _DONE, _ERROR = (
+    ClientState.SENDING, ClientState.SENT, ClientState.DONE, ClientState.ERROR)
 
 
 class ClientConnection:
@@ -172,13 +175,12 @@ class ClientConnection:
         Raises:
             LocalProtocolError: data after EOF, or before the request was sent.
         """
-        if self._eof or self.state in _NO_RECEIVE or (
-                self.state is ClientState.SENT and not self.reads_reply):
-            why = "after EOF" if self._eof else (
-                f"in state {self.state.name}" if self.state in _NO_RECEIVE
-                else "in a run that does not read the reply")
-            self.state = ClientState.ERROR
-            raise LocalProtocolError(f"cannot receive data {why}")
+        # The per-chunk path of every reply: identity tests only (a frozenset
+        # lookup hashes the enum in Python); the second line is reads_reply.
+        state = self.state
+        if self._eof or not (state is _SENDING or (
+                state is _SENT and not (self._noreply and not self.read_output))):
+            self._refuse_data()
         if not isinstance(data, bytes):
             data = bytes(data)  # the caller may reuse its buffer
         if not data:
@@ -192,6 +194,13 @@ class ClientConnection:
             data = self._decoder.decode(data)
         if data:
             self._ready.append(data)
+
+    def _refuse_data(self) -> NoReturn:
+        why = "after EOF" if self._eof else (
+            f"in state {self.state.name}" if self.state in _NO_RECEIVE
+            else "in a run that does not read the reply")
+        self.state = ClientState.ERROR
+        raise LocalProtocolError(f"cannot receive data {why}")
 
     def send_failed(self, detail: str = "write failed") -> None:
         """Report that writing failed (EPIPE, ECONNRESET...): the bytes did not all go.
@@ -237,10 +246,12 @@ class ClientConnection:
         Raises:
             LocalProtocolError: called after the Result was returned.
         """
-        if self.state is ClientState.DONE or self.state is ClientState.ERROR:
-            raise LocalProtocolError(f"no more events in state {self.state.name}")
-        if self._ready:
-            return Output(self._ready.popleft())
+        state = self.state
+        if state is _DONE or state is _ERROR:
+            raise LocalProtocolError(f"no more events in state {state.name}")
+        ready = self._ready
+        if ready:
+            return Output(ready.popleft())
         if self._result is not None:
             return self._finish(self._result)
         if not self._eof:

@@ -12,7 +12,7 @@ The decoder (``istream-dot`` with TRIM_TRAIL and LOOSE_EOT) is a small state
 machine over bytes; only a ``.`` at the start of a line is special.  Running
 that machine byte by byte in Python would be slow, so both classes only walk
 the states at chunk boundaries (at most a few bytes) and handle the rest of a
-chunk with ``bytes.find``/``bytes.replace``.  The states are::
+chunk with whole-chunk ``re``/``bytes`` calls, which run in C.  The states are::
 
     DATA    inside a line, nothing held back
     CR      a CR was the last byte; it may start a CRLF line break (held back)
@@ -30,7 +30,9 @@ chunking, and the same output for every chunking.
 from __future__ import annotations
 
 import enum
+import io
 import re
+from typing import Any
 
 from typing_extensions import Buffer
 
@@ -41,6 +43,21 @@ __all__ = ["DotDecoder", "DotEncoder"]
 _CR, _LF, _DOT = 0x0D, 0x0A, 0x2E
 # One regex pass stuffs dots faster than bytes.replace with a 2-byte pattern.
 _DOT_LINE = re.compile(rb"\n\.")
+
+
+def _crlf_only(data: bytes) -> bool:
+    """Whether *data* has a CRLF, every CR but a final one starts a CRLF and every LF ends one.
+
+    The obvious test, ``count(b"\\r\\n") == count(b"\\r") == count(b"\\n")``,
+    scans the data three times, once with CPython's two-byte search; the
+    universal-newlines decoder of the io module (a pure transform, no I/O)
+    records which kinds of line break it met in one scan.  It holds back a
+    final CR without classifying it, as the encoder needs: that CR may
+    start a CRLF split across chunks.
+    """
+    seen = io.IncrementalNewlineDecoder(None, translate=False)
+    seen.decode(data.decode("latin-1"))
+    return seen.newlines == "\r\n"
 
 
 class _EncState(enum.Enum):
@@ -100,11 +117,11 @@ class DotEncoder:
         last = rest[-1]
         if b"\r" not in rest:  # LF text
             out = _DOT_LINE.sub(b"\n..", rest).replace(b"\n", b"\r\n")
-        elif last != _CR and (lf := rest.count(b"\n")) == rest.count(b"\r") == rest.count(
-                b"\r\n"):
+        elif _crlf_only(rest):
             # CRLF text (every CR starts a CRLF, every LF ends one): only
-            # dots to stuff.  A final CR could start a CRLF split across chunks.
-            out = _DOT_LINE.sub(b"\n..", rest) if lf else rest
+            # dots to stuff.  A final CR is sent as it is; the next chunk
+            # tells whether it started a CRLF (state CR).
+            out = _DOT_LINE.sub(b"\n..", rest)
         else:
             # Work in "LF space": every CRLF becomes LF, so every CR left is
             # bare; stuff dots there, then turn every LF back into CRLF.
@@ -214,7 +231,40 @@ class DotDecoder:
             self._state = st
             return b"".join(out)
         # Fast path: inside a line at data[i].  Only "\n." can start a special
-        # line; everything else is copied in slices.
+        # line.  One regex split finds every dot-line; if none of them can be
+        # the end marker (the byte after the dot is never CR or LF, and no
+        # dot-line is cut by the end of the chunk), dropping their dots is
+        # joining the pieces with "\n".  min() finds the smallest piece in C:
+        # an empty one or one that starts with a byte up to CR sends the chunk
+        # to the byte-exact loop below (the end marker's chunk, in practice).
+        parts: list[Any] = _DOT_LINE.split(data[i:] if i else data)
+        if len(parts) > 1 and min(parts[1:])[:1] <= b"\r":
+            return self._scan(data, i, out)
+        tail = parts[-1]
+        last = tail[-1]
+        if last == _LF:
+            # The line break is held back (BOL).  Its CR is ours when it is in
+            # the same piece (see the slow path's exits).
+            if len(tail) > 1 and tail[-2] == _CR:
+                self._brk, parts[-1] = b"\r\n", memoryview(tail)[:-2]
+            else:
+                self._brk, parts[-1] = b"\n", memoryview(tail)[:-1]
+            self._state = _DecState.BOL
+        elif last == _CR:
+            parts[-1] = memoryview(tail)[:-1]
+            self._state = _DecState.CR
+        else:
+            self._state = _DecState.DATA
+        if out:
+            parts[0] = b"".join([*out, parts[0]])
+        if len(parts) == 1:
+            only = parts[0]
+            return only if type(only) is bytes else bytes(only)
+        return b"\n".join(parts)
+
+    def _scan(self, data: bytes, i: int, out: list[bytes | memoryview]) -> bytes:
+        """Decode data[i:], inside a line, with a loop over its dot-lines."""
+        n = len(data)
         start = i
         copy_from = i
         mv = memoryview(data)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+import random
+
 import pytest
 
 from execproto import DotDecoder, DotEncoder, LocalProtocolError, RemoteProtocolError
+from execproto._dot import _crlf_only
 
 from .helpers import every_chunking, ref_dot_decode, ref_dot_encode
 
@@ -284,3 +288,56 @@ def test_round_trip_examples(payload: bytes, decoded: bytes) -> None:
     # 5.4: bare LF arrives as CRLF, the final line break is lost, and with
     # the CVE fix a bare CR before a dot gains an LF.
     assert decode_every_chunking(encode([payload] if payload else [])) == (decoded, True, 0)
+
+
+# --- whole-chunk paths ----------------------------------------------------------------
+
+
+def test_crlf_only_is_the_three_counts() -> None:
+    # The encoder's test for "CRLF text" (one scan) against its definition
+    # (a CRLF, every CR but a final one starts a CRLF, every LF ends one),
+    # for every short string that holds a CR, as the encoder calls it.
+    symbols = [b"a", b"\r", b"\n", b".", b"\x00", b"\x85"]
+    checked = 0
+    for length in range(1, 7):
+        for combo in itertools.product(symbols, repeat=length):
+            data = b"".join(combo)
+            if b"\r" not in data:
+                continue
+            body = data[:-1] if data.endswith(b"\r") else data
+            counts = 0 < body.count(b"\n") == body.count(b"\r") == body.count(b"\r\n")
+            assert _crlf_only(data) == counts, data
+            checked += 1
+    assert checked > 10_000
+
+
+def _mail(lines: int, seed: int, breaks: tuple[bytes, ...]) -> bytes:
+    rng = random.Random(seed)
+    starts = [b"", b"", b"", b".", b"..", b".\r", b"\r", b"\t", b"x.y"]
+    words = [b"word", b"a.b", b"\r", b"\n", b"..", b"-", b"\t"]
+    out = []
+    for _ in range(lines):
+        out.append(rng.choice(starts) + b" ".join(rng.choices(words, k=rng.randrange(8))))
+        out.append(rng.choice(breaks))
+    return b"".join(out)
+
+
+@pytest.mark.parametrize("breaks", [(b"\n",), (b"\r\n",), (b"\n", b"\r\n", b"\r")])
+@pytest.mark.parametrize("size", [1, 7, 64, 1000, 1 << 16])
+def test_large_chunks_match_the_reference(breaks: tuple[bytes, ...], size: int) -> None:
+    # The whole-chunk paths (one regex pass over a chunk) see many lines at
+    # once only with large chunks; the property tests use short data.
+    payload = _mail(1500, size, breaks)
+    chunks = [payload[i : i + size] for i in range(0, len(payload), size)]
+    for fix in (True, False):
+        assert encode(chunks, stuff_bare_cr_dot=fix) == ref_dot_encode(
+            payload, stuff_bare_cr_dot=fix)
+    wire = ref_dot_encode(payload)
+    ref = ref_dot_decode(wire)
+    decoder = DotDecoder()
+    released = b""
+    for i in range(0, len(wire), size):
+        released += decoder.decode(wire[i : i + size])
+        if size >= 1000:  # nothing is held back longer than the reference does
+            assert released == ref_dot_decode(wire[: i + size]).output
+    assert (released, decoder.ended, decoder.leftover) == (ref.output, True, 0)
