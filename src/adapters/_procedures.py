@@ -801,7 +801,7 @@ class Job:
     """One connection a service handles: what a stop needs to know of it.
 
     Fields:
-        pidfd: the running script's pidfd, else None (guarded by ``Jobs.lock``).
+        pidfd: the running script's pidfd, else None.
         reading_header: no script has been started yet.
         cancel: set by the flavour: ends the handling at once (a stop that
             ran out of patience).
@@ -816,12 +816,9 @@ class Job:
 
 
 class Jobs:
-    """The connections of one service; thread-safe when given a lock (the blocking workers)."""
+    """The connections of one service, all handled in one thread (each flavour's loop)."""
 
-    def __init__(self, *, lock: contextlib.AbstractContextManager[Any] | None = None) -> None:
-        #: Guards the set and each job's pidfd; a re-entrant lock where
-        #: connections run in threads, a no-op (the default) where they share one.
-        self.lock = contextlib.nullcontext() if lock is None else lock
+    def __init__(self) -> None:
         self._jobs: set[Job] = set()
 
     def __len__(self) -> int:
@@ -829,28 +826,24 @@ class Jobs:
 
     def add(self, job: Job) -> None:
         """A connection starts being handled."""
-        with self.lock:
-            self._jobs.add(job)
+        self._jobs.add(job)
 
     def discard(self, job: Job) -> None:
         """A connection is done."""
-        with self.lock:
-            self._jobs.discard(job)
+        self._jobs.discard(job)
 
     def signal_scripts(self, signum: int) -> None:
-        """Send *signum* to every running script (through its pidfd, under the lock)."""
-        with self.lock:
-            for job in self._jobs:
-                if job.pidfd is not None:
-                    send_signal(job.pidfd, signum)
+        """Send *signum* to every running script (through its pidfd: never a recycled pid)."""
+        for job in self._jobs:
+            if job.pidfd is not None:
+                send_signal(job.pidfd, signum)
 
     def cancel(self, *, header_only: bool) -> None:
         """Cancel the jobs still reading a header (too late to start a script), or all."""
-        with self.lock:  # a job that is done (discarded) is never cancelled
-            for job in list(self._jobs):
-                if job.reading_header or not header_only:
-                    with contextlib.suppress(OSError):
-                        job.cancel()
+        for job in list(self._jobs):  # a job that is done (discarded) is never cancelled
+            if job.reading_header or not header_only:
+                with contextlib.suppress(OSError):
+                    job.cancel()
 
 
 def accept(listeners: list[tuple[socket.socket, str | tuple[str, int]]], config: ServiceConfig,
@@ -954,7 +947,7 @@ def close_gently(sock: socket.socket, drain_for: float) -> Procedure[None]:
 
 
 def run_script(sock: socket.socket, svc: ServiceConnection, request: ScriptRequest,
-               config: ServiceConfig, job: Job, jobs: Jobs) -> Procedure[str]:
+               config: ServiceConfig, job: Job) -> Procedure[str]:
     """Run the script on the connection, reply, close; say how it went, for the log."""
     fd = sock.fileno()
     sock.setblocking(True)  # the script gets a blocking socket
@@ -988,9 +981,8 @@ def run_script(sock: socket.socket, svc: ServiceConnection, request: ScriptReque
                     kill_and_reap(pid, pidfd)
                     raise
                 finally:
-                    with jobs.lock:
-                        job.pidfd = None
-                        os.close(pidfd)
+                    job.pidfd = None
+                    os.close(pidfd)
                 how += describe_returncode(returncode)
     finally:
         sock.setblocking(False)  # the script is gone: the socket is ours again
@@ -1003,8 +995,8 @@ def run_script(sock: socket.socket, svc: ServiceConnection, request: ScriptReque
     return how + trouble
 
 
-def serve_connection(sock: socket.socket, peer: str, config: ServiceConfig, job: Job,
-                     jobs: Jobs) -> Procedure[None]:
+def serve_connection(sock: socket.socket, peer: str, config: ServiceConfig,
+                     job: Job) -> Procedure[None]:
     """Handle one connection from accept to close: the whole of a request's way.
 
     Read the header, run the script with the socket as its stdin and
@@ -1018,7 +1010,7 @@ def serve_connection(sock: socket.socket, peer: str, config: ServiceConfig, job:
         sock.setblocking(False)
         svc, request = yield from read_header(sock, config)
         job.reading_header = False
-        how = yield from run_script(sock, svc, request, config, job, jobs)
+        how = yield from run_script(sock, svc, request, config, job)
         log_request(logger, peer, request, how, monotonic() - started)
     except RemoteProtocolError as exc:
         log_bad_header(logger, peer, exc)

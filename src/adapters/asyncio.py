@@ -175,7 +175,7 @@ class _Service:
     def _start(self, conn: Any, peer: str) -> None:
         job = proc.Job(cancel=lambda: task.cancel())
         task = asyncio.ensure_future(
-            proc.drive(proc.serve_connection(conn, peer, self.config, job, self.jobs), _ANSWERS))
+            proc.drive(proc.serve_connection(conn, peer, self.config, job), _ANSWERS))
         self.jobs.add(job)
         self.tasks.add(task)
 

@@ -334,7 +334,7 @@ class Service:
         job = proc.Job(cancel=lambda: conn.shutdown(socket.SHUT_RDWR))
         self._jobs.add(job)
         self._conns.add(conn)
-        self._loop.start(proc.serve_connection(conn, peer, self.config, job, self._jobs),
+        self._loop.start(proc.serve_connection(conn, peer, self.config, job),
                          lambda _: self._finished(job, conn))
         self._accept_next()
 

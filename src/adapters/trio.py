@@ -216,7 +216,7 @@ class _Service:
             if self.idle.is_set():
                 self.idle = trio.Event()
             try:
-                await proc.drive(proc.serve_connection(conn, peer, self.config, job, self.jobs),
+                await proc.drive(proc.serve_connection(conn, peer, self.config, job),
                             _ANSWERS)
             finally:
                 self.jobs.discard(job)

@@ -869,14 +869,10 @@ def test_read_header_disconnect_while_consuming(
 # --- service: the script, the reply, the close ------------------------------------
 
 
-def serve(waiter: FakeWaiter, sock: socket.socket, cfg: ServiceConfig,
-          jobs: Jobs | None = None) -> str:
+def serve(waiter: FakeWaiter, sock: socket.socket, cfg: ServiceConfig) -> str:
     """Read the header, then run the script: its how-it-went text."""
     svc, request = read_header(waiter, sock, cfg)
-    job = Job(cancel=lambda: None)
-    jobs = jobs if jobs is not None else Jobs()
-    jobs.add(job)
-    return waiter.run(procs.run_script(sock, svc, request, cfg, job, jobs))
+    return waiter.run(procs.run_script(sock, svc, request, cfg, Job(cancel=lambda: None)))
 
 
 def test_run_script_inline_replies_and_closes(
@@ -893,17 +889,15 @@ def test_run_script_inline_replies_and_closes(
     assert not ours.getblocking()
 
 
-def test_run_script_spawns_in_place_when_others_are_served(
+def test_run_script_spawns_in_place(
         clock: FakeClock, logger: logging.Logger,
         pair: tuple[socket.socket, socket.socket]) -> None:
     # A thread hop per spawn cost more than the spawn blocks the loop.
     ours, peer = pair
     peer.sendall(V + b"-\n\n")
     peer.shutdown(socket.SHUT_WR)
-    jobs = Jobs()
-    jobs.add(Job(cancel=lambda: None))
     w = FakeWaiter(clock)
-    assert serve(w, ours, config(logger, b"/bin/sh", b"-c", b"exit 4"), jobs) == "exit 4"
+    assert serve(w, ours, config(logger, b"/bin/sh", b"-c", b"exit 4")) == "exit 4"
     assert not w.of(Offload)
     assert read_all(peer) == b"-\n"
 
@@ -945,7 +939,7 @@ def test_run_script_cancelled_kills_and_reaps(
     cfg = config(logger, b"/bin/sleep", b"60")
     svc, request = read_header(w, ours, cfg)
     with pytest.raises(KeyboardInterrupt):
-        w.run(procs.run_script(ours, svc, request, cfg, job, Jobs()))
+        w.run(procs.run_script(ours, svc, request, cfg, job))
     assert job.pidfd is None and not ours.getblocking()
 
 
@@ -1031,9 +1025,7 @@ def test_close_gently_is_bounded(clock: FakeClock,
 
 def serve_connection(waiter: FakeWaiter, sock: socket.socket, cfg: ServiceConfig) -> Job:
     job = Job(cancel=lambda: None)
-    jobs = Jobs()
-    jobs.add(job)
-    waiter.run(procs.serve_connection(sock, "peer", cfg, job, jobs))
+    waiter.run(procs.serve_connection(sock, "peer", cfg, job))
     return job
 
 
