@@ -327,6 +327,15 @@ class QuotaWarning:
         return f"{self.name} ({'under' if self.under else 'over'} {what}) at {self.where}"
 
 
+def _only_filter(root: ConfigSection, kind: str) -> ConfigSection | None:
+    """The one ``KIND { }`` filter of a configuration, or None; several are an error."""
+    sections = [s for s in root.walk() if s.parent is not None and filter_kind(s) == kind]
+    if len(sections) > 1:
+        raise ConfigError(f"several {kind} {{ }} filters: "
+                          + "; ".join(describe_section(s) for s in sections))
+    return sections[0] if sections else None
+
+
 def _section_value(section: ConfigSection, *keys: str) -> str | None:
     """The last of *keys* set in *section* or, failing that, an enclosing one."""
     current: ConfigSection | None = section
@@ -484,13 +493,8 @@ def find_quota_over_status(root: ConfigSection) -> QuotaOverStatus:
     Raises:
         ConfigError: none, several, or an invalid execute block.
     """
-    sections = [s for s in root.walk() if s.parent is not None
-                and filter_kind(s) == "quota_over_status"]
-    if len(sections) > 1:
-        raise ConfigError("several quota_over_status { } filters: "
-                          + "; ".join(describe_section(s) for s in sections))
-    if sections:
-        section = sections[0]
+    section = _only_filter(root, "quota_over_status")
+    if section is not None:
         settings = _execute_in(section)
         if isinstance(settings, ConfigError):
             raise settings
@@ -544,12 +548,8 @@ def find_welcome(root: ConfigSection) -> Welcome:
     Raises:
         ConfigError: none, several, or an invalid execute block.
     """
-    sections = [s for s in root.walk() if s.kind == "welcome" and s.parent is not None]
-    if len(sections) > 1:
-        raise ConfigError("several welcome { } filters: "
-                          + "; ".join(describe_section(s) for s in sections))
-    if sections:
-        section = sections[0]
+    section = _only_filter(root, "welcome")
+    if section is not None:
         settings = find_execute(section)
         wait = _section_value(section, "wait", "welcome_wait")
         return Welcome(settings, _bool(wait, legacy=False), "2.4")
