@@ -840,10 +840,18 @@ class ServiceConfig:
     user: str | None = None
     group: str | None = None
     logger: logging.Logger = field(default_factory=lambda: log)
+    _template: ServiceConnection = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        # Validate once, at start-up, rather than on the first connection.
-        self.new_connection()
+        # Validate once, at start-up, rather than on each connection.
+        self._template = ServiceConnection(
+            self.script,
+            self.script_args,
+            env_allowlist=self.env_allowlist,
+            passthrough=self.passthrough,
+            max_header_bytes=self.max_header_bytes,
+            libexec_dir=self.libexec_dir,
+        )
         if self.max_connections < 1:
             raise LocalProtocolError("max_connections must be at least 1")
 
@@ -860,11 +868,4 @@ class ServiceConfig:
 
     def new_connection(self) -> ServiceConnection:
         """A fresh core connection object with these settings."""
-        return ServiceConnection(
-            self.script,
-            self.script_args,
-            env_allowlist=self.env_allowlist,
-            passthrough=self.passthrough,
-            max_header_bytes=self.max_header_bytes,
-            libexec_dir=self.libexec_dir,
-        )
+        return self._template.fresh()

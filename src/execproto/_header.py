@@ -12,7 +12,9 @@ Wire format (PROTOCOL.md section 2)::
 
 Theory of operation of :class:`HeaderParser`
 --------------------------------------------
-The parser appends received bytes to one ``bytearray`` and remembers how far
+A header that arrives whole in the first chunk (the usual case: clients
+send it in one write) is parsed straight from that chunk.  Otherwise the
+parser appends received bytes to one ``bytearray`` and remembers how far
 it has searched for ``LF LF`` (backing up one byte so a pair split across
 chunks is found): each byte is searched once, so a 1 MB header fed one byte
 at a time costs O(n), not O(n²).  As soon as the first LF arrives the
@@ -52,6 +54,7 @@ DEFAULT_MAX_HEADER_BYTES = 64 * 1024
 EMPTY_ARG_MODES = ("soh", "reject")
 
 _VERSION_LINE = b"VERSION\tscript\t4\t0\n"
+_VERSION_LINE_4_0 = _VERSION_LINE[:-1]
 _UINT32_MAX = 0xFFFFFFFF
 _UINT64_MAX = 0xFFFFFFFFFFFFFFFF
 _VERSION_RE = re.compile(rb"VERSION\tscript\t([0-9]+)\t([0-9]+)")
@@ -147,6 +150,8 @@ def check_version_line(line: bytes) -> int:
     Raises:
         RemoteProtocolError: not ``VERSION<TAB>script<TAB>4<TAB>minor``.
     """
+    if line == _VERSION_LINE_4_0:  # what every client sends
+        return 0
     match = _VERSION_RE.fullmatch(line)
     if match is not None:
         major = _uint(match.group(1), _UINT64_MAX)
@@ -174,7 +179,9 @@ def parse_header_text(
         RemoteProtocolError: a fatal condition of PROTOCOL.md 2.10.
     """
     # The service treats the header as one C string: a NUL ends it (Q4).
-    lines = _c_string(text).split(b"\n")
+    text = _c_string(text)
+    escaped = b"\x01" in text  # else no line needs unescaping (nor can hold a NUL)
+    lines = text.split(b"\n")
     minor = check_version_line(lines[0]) if version_minor is None else version_minor
     alarm: int | None = None
     env: list[tuple[bytes, bytes]] = []
@@ -188,7 +195,7 @@ def parse_header_text(
                 raise RemoteProtocolError(f"invalid alarm option {lines[i][:40]!r}")
             i += 1
         while i < len(lines) and lines[i].startswith(b"env_"):
-            assignment = _c_string(tab_unescape(lines[i][4:]))
+            assignment = _c_string(tab_unescape(lines[i][4:])) if escaped else lines[i][4:]
             name, eq, value = assignment.partition(b"=")
             if not eq:
                 raise RemoteProtocolError(f"invalid environment variable {lines[i][:60]!r}")
@@ -200,7 +207,10 @@ def parse_header_text(
         if not lines[i]:
             raise RemoteProtocolError("empty options")
         noreply = lines[i] == b"noreply"
-        args = tuple(_c_string(tab_unescape(line)) for line in lines[i + 1 :])
+        if escaped:
+            args = tuple(_c_string(tab_unescape(line)) for line in lines[i + 1 :])
+        else:
+            args = tuple(lines[i + 1 :])
     return ParsedHeader(minor, alarm, tuple(env), noreply, args, header_size)
 
 
@@ -257,6 +267,15 @@ class HeaderParser:
             raise RemoteProtocolError(
                 f"disconnected before the end of the header ({len(buf)} bytes received)"
             )
+        if not buf:
+            # The usual case, a whole header in the first chunk: no buffer.
+            first = bytes(data)
+            end = first.find(b"\n\n")
+            if 0 <= end <= self._max - 2:
+                # parse_header_text checks the VERSION line first, as below.
+                self.result = parse_header_text(first[:end], end + 2)
+                self.trailing_data = first[end + 2 :]
+                return self.result
         start = max(self._scanned - 1, 0)
         buf += data
         end = buf.find(b"\n\n", start)
@@ -276,6 +295,7 @@ class HeaderParser:
         return self.result
 
     def _check_first_line(self) -> None:
-        lf = self._buf.find(b"\n")
+        # Only within the cap: past it the header is too long, however it is cut.
+        lf = self._buf.find(b"\n", 0, self._max)
         if lf >= 0 and self._minor is None:
             self._minor = check_version_line(_c_string(bytes(self._buf[:lf])))

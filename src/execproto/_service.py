@@ -87,15 +87,36 @@ class ServiceConnection:
         self._allow = frozenset(
             to_bytes(n, "env allowlist entry") for n in env_allowlist) - {b""}
         self.passthrough = passthrough
+        self._max_header_bytes = max_header_bytes
         self._parser = HeaderParser(max_header_bytes=max_header_bytes)
+        self._start()
+
+    def _start(self) -> None:
         self.state = ServiceState.HEADER
         self._request: ScriptRequest | None = None
         self._pending: ScriptRequest | None = None
-        if passthrough:
+        if self.passthrough:
             self._pending = ScriptRequest(
                 argv=self._base_argv, env=(), args=(), noreply=False, passthrough=True,
                 alarm=None, version_minor=None, header_size=0,
             )
+
+    def fresh(self) -> ServiceConnection:
+        """A new connection with this one's settings, in state HEADER.
+
+        The same as calling the constructor again with the same arguments,
+        without validating them again: a service keeps one connection as a
+        template and takes a fresh one per client.  This connection's own
+        state is neither copied nor changed.
+        """
+        new = object.__new__(ServiceConnection)
+        new._base_argv = self._base_argv
+        new._allow = self._allow
+        new.passthrough = self.passthrough
+        new._max_header_bytes = self._max_header_bytes
+        new._parser = HeaderParser(max_header_bytes=self._max_header_bytes)
+        new._start()
+        return new
 
     @property
     def trailing_data(self) -> bytes:

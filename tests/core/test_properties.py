@@ -389,6 +389,37 @@ def test_header_parser_only_remote_errors(case: tuple[bytes, list[bytes]], limit
     only_protocol_errors(run, RemoteProtocolError)
 
 
+def _header_outcome(chunks: list[bytes], limit: int) -> object:
+    """What a HeaderParser makes of *chunks* then EOF: header and payload, or the error."""
+    parser = HeaderParser(max_header_bytes=limit)
+    try:
+        for i, chunk in enumerate(chunks):
+            header = parser.feed(chunk)
+            if header is not None:
+                return header, parser.trailing_data + b"".join(chunks[i + 1 :])
+        parser.feed(b"")
+    except RemoteProtocolError as exc:
+        return exc.message
+    raise AssertionError("EOF accepted")
+
+
+# Valid first lines make most drawn headers reach the options and the args.
+_header_prefixes = st.sampled_from(
+    [b"", b"VERSION\tscript\t4\t0\n", b"VERSION\tscript\t4\t7\nalarm=3\nenv_A=\x01t\n"])
+
+
+@FAST
+@given(_header_prefixes, any_bytes, st.data(), st.integers(21, 300))
+def test_header_parser_one_chunk_same_as_any_chunking(
+    prefix: bytes, rest: bytes, data: st.DataObject, limit: int
+) -> None:
+    # One chunk takes the parser's no-buffer path; any other cut, the buffer.
+    wire = prefix + rest
+    whole = _header_outcome([wire] if wire else [], limit)
+    assert _header_outcome(data.draw(chunked(wire)), limit) == whole
+    assert _header_outcome([wire[i : i + 1] for i in range(len(wire))], limit) == whole
+
+
 @FAST
 @given(data_and_chunks(), st.booleans())
 def test_service_only_remote_errors(case: tuple[bytes, list[bytes]], passthrough: bool) -> None:

@@ -380,3 +380,30 @@ def test_parse_env_allowlist(values: list[str | bytes], names: tuple[bytes, ...]
 def test_parse_env_allowlist_bad_type() -> None:
     with pytest.raises(LocalProtocolError, match="env allowlist entry must be bytes or str"):
         parse_env_allowlist([1])  # type: ignore[list-item]
+
+
+# --- fresh(): one template, a connection per client ----------------------------------------
+
+
+@pytest.mark.parametrize("passthrough", [False, True])
+def test_fresh_is_the_constructor_again(passthrough: bool) -> None:
+    settings = dict(env_allowlist=["A"], passthrough=passthrough, max_header_bytes=60,
+                    libexec_dir="/lib")
+    template = ServiceConnection("s", ["x"], **settings)  # type: ignore[arg-type]
+    wire = V + b"env_A=1\nenv_B=2\n-\narg\n\npayload"
+    # The template's own use does not leak into the connections it gives.
+    template_outcome = feed_service(template, [wire])
+    for _ in range(2):
+        fresh = template.fresh()
+        assert fresh is not template and fresh.state is ServiceState.HEADER
+        expected = feed_service(ServiceConnection("s", ["x"], **settings), [wire])  # type: ignore[arg-type]
+        assert feed_service(fresh, [wire]) == expected == template_outcome
+        assert fresh.send(ScriptExited(returncode=0)) == (b"" if passthrough else b"+\n")
+    assert template.state is ServiceState.RUNNING
+
+
+def test_fresh_keeps_the_header_cap() -> None:
+    fresh = ServiceConnection("s", max_header_bytes=30).fresh()
+    with pytest.raises(RemoteProtocolError, match="exceeds 30 bytes"):
+        fresh.receive_data(V + b"-\n" + b"a" * 20 + b"\n\n")
+    assert fresh.state is ServiceState.ERROR
