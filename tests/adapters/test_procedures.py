@@ -886,7 +886,6 @@ def test_run_script_inline_replies_and_closes(
     assert read_all(peer) == b"payload+\n"
     wait, = w.requests  # the drain found EOF at once: no wait
     assert isinstance(wait, Wait) and w.for_child(wait) and wait.timeout is None
-    assert not ours.getblocking()
 
 
 def test_run_script_spawns_in_place(
@@ -940,7 +939,7 @@ def test_run_script_cancelled_kills_and_reaps(
     svc, request = read_header(w, ours, cfg)
     with pytest.raises(KeyboardInterrupt):
         w.run(procs.run_script(ours, svc, request, cfg, job))
-    assert job.pidfd is None and not ours.getblocking()
+    assert job.pidfd is None
 
 
 def test_run_script_pidfd_open_failure_reaps_the_script(
@@ -956,7 +955,7 @@ def test_run_script_pidfd_open_failure_reaps_the_script(
     job = serve_connection(w, ours, config(logger, b"/bin/sleep", b"60"))
     # The script was killed and reaped at once (the leak check sees no child)
     # and the client gets a failure, as when the script cannot start.
-    assert job.pidfd is None and not ours.getblocking()
+    assert job.pidfd is None and ours.getblocking()
     lines = log_lines(caplog)
     assert lines[0] == (logging.ERROR, "pidfd_open() failed: Too many open files")
     assert "args=[] killed: cannot be waited for duration=" in lines[1][1]
@@ -1037,13 +1036,13 @@ def test_serve_connection_logs_a_good_request(
         clock: FakeClock, logger: logging.Logger, caplog: pytest.LogCaptureFixture,
         pair: tuple[socket.socket, socket.socket]) -> None:
     ours, peer = pair
-    ours.setblocking(True)  # serve_connection makes it non-blocking itself
+    ours.setblocking(True)  # as accept() gives it: serve_connection leaves the mode alone
     peer.sendall(V + b"-\nsome\targ\n\n")
     peer.shutdown(socket.SHUT_WR)
     w = FakeWaiter(clock)
     w.on(Wait, advance_then(clock, 1.25, w.poll), when=on_pidfd)
     job = serve_connection(w, ours, config(logger, b"/bin/true"))
-    assert not job.reading_header and not ours.getblocking()
+    assert not job.reading_header and ours.getblocking()
     assert log_lines(caplog) == [
         (logging.INFO, "peer: args=[some\\targ] exit 0 duration=1.250s")]
     assert read_all(peer) == b"+\n"

@@ -305,6 +305,26 @@ def test_unread_payload_is_drained(flavour: Flavour, driver: str, tmp_path: Path
     assert result.output == (b"hi" if driver == "tcp" else b"hi\n")
 
 
+@SOCKET_DRIVERS
+def test_script_gets_a_blocking_socket(flavour: Flavour, driver: str, tmp_path: Path) -> None:
+    """Scripts read stdin and write stdout as plain blocking files, as under Dovecot.
+
+    The script sets its stdin non-blocking on the way out: the service's own
+    reply and drain do not depend on the mode it leaves behind.
+    """
+    script = py_script(tmp_path, "modes", (
+        "import os\n"
+        "modes = b'%d%d' % (os.get_blocking(0), os.get_blocking(1))\n"
+        "os.write(1, modes + (b'\\r\\n.\\r\\n' if os.environ.get('TCP') else b''))\n"
+        "os.set_blocking(0, False)\n"))
+    with _service(flavour, driver, tmp_path, script, env_allowlist=("TCP",)) as (address, _):
+        for _ in range(2):
+            result = flavour.run(target_of(address), env={"TCP": "1"} if driver == "tcp" else {},
+                                 timeout=10)
+            assert result.status is Status.SUCCESS, result
+            assert result.output == b"11"
+
+
 # --- script problems -----------------------------------------------------------------
 
 
