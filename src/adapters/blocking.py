@@ -111,12 +111,13 @@ def run(target: Target | str, args: Iterable[BytesLike] = (), *, input: Input = 
 class _Task:
     """One procedure the service's loop drives, and what it waits for."""
 
-    __slots__ = ("done", "fds", "parked", "procedure", "turn")
+    __slots__ = ("done", "fds", "parked", "procedure", "timed", "turn")
 
     def __init__(self, procedure: proc.Procedure[Any], done: Callable[[Any], object]) -> None:
         self.procedure, self.done = procedure, done
         self.fds: tuple[int, ...] = ()
         self.parked = False
+        self.timed = False  # its wait has a timer in the heap
         self.turn = 0  # a timer of an earlier wait does not wake it
 
 
@@ -125,12 +126,20 @@ class _Loop:
 
     *answers* handles the requests other than Wait, Offload and Turn (the
     service's WaitJobs).  An Offload runs in place (a service asks for none).
+
+    A descriptor is in the epoll set only while a task waits for it, except
+    those given to :meth:`keep` (the listeners and the stop signal, waited
+    for again after every client): they stay registered between waits,
+    which spares two ``epoll_ctl`` calls per descriptor and wait.
     """
 
     def __init__(self, answers: Mapping[type, Callable[[_Task, Any], object]]) -> None:
         self._epoll = select.epoll()
         self._by_fd: dict[int, _Task] = {}
+        self._armed: dict[int, int] = {}  # fd -> the events it is registered for
+        self._kept: set[int] = set()
         self._timers: list[tuple[float, int, int, _Task]] = []
+        self._stale = 0  # timers of waits that ended otherwise, still in the heap
         self._ready: deque[tuple[_Task, Any, BaseException | None]] = deque()
         self._tasks: set[_Task] = set()
         self._answers = answers
@@ -146,19 +155,37 @@ class _Loop:
         self._ready.append((task, None, None))
         return task
 
+    def keep(self, fds: Iterable[int]) -> None:
+        """Leave *fds* registered between waits, until :meth:`release`."""
+        self._kept.update(fds)
+
+    def release(self, fds: Iterable[int]) -> None:
+        """Unregister kept *fds* (before they are closed)."""
+        for fd in fds:
+            self._kept.discard(fd)
+            if fd not in self._by_fd and self._armed.pop(fd, None) is not None:
+                self._epoll.unregister(fd)
+
     def park(self, task: _Task, read: tuple[int, ...] = (), write: tuple[int, ...] = (),
              timeout: float | None = None) -> None:
         """Let *task* wait for a fd (answer True), *timeout* (False) or :meth:`wake`."""
         events = dict.fromkeys(read, _READ)
         for fd in write:
             events[fd] = events.get(fd, 0) | _WRITE
+        armed = self._armed
         for fd, mask in events.items():
-            self._epoll.register(fd, mask)
+            was = armed.get(fd)
+            if was is None:
+                self._epoll.register(fd, mask)
+            elif was != mask:
+                self._epoll.modify(fd, mask)
+            armed[fd] = mask
             self._by_fd[fd] = task
         task.fds, task.parked = tuple(events), True
         if timeout is not None:
             deadline = monotonic() + timeout
             heapq.heappush(self._timers, (deadline, next(self._order), task.turn, task))
+            task.timed = True
 
     def wake(self, task: _Task, answer: bool = True) -> None:
         """End *task*'s wait (if it waits): it goes on with *answer*."""
@@ -175,10 +202,24 @@ class _Loop:
 
     def _unpark(self, task: _Task) -> None:
         for fd in task.fds:
-            self._epoll.unregister(fd)
             del self._by_fd[fd]
+            if fd not in self._kept:
+                del self._armed[fd]
+                self._epoll.unregister(fd)
         task.fds, task.parked = (), False
         task.turn += 1
+        if task.timed:
+            # Its timer stays in the heap until due (the reply and drain
+            # deadlines are seconds away): sweep once most entries are stale,
+            # so the heap stays the size of the waits in progress.
+            task.timed = False
+            self._stale += 1
+            timers = self._timers
+            if self._stale > 256 and self._stale * 2 > len(timers):
+                timers[:] = [entry for entry in timers if entry[3].timed
+                             and entry[2] == entry[3].turn]
+                heapq.heapify(timers)
+                self._stale = 0
 
     def run(self) -> None:
         """Drive the tasks until none is left (what a task raises is raised here)."""
@@ -193,11 +234,17 @@ class _Loop:
                 task = self._by_fd.get(fd)
                 if task is not None:
                     self.wake(task)
+                elif fd in self._armed:  # kept, and nobody waits for it now
+                    del self._armed[fd]
+                    self._epoll.unregister(fd)
             now = monotonic() if timers else 0.0
             while timers and timers[0][0] <= now:
                 _, _, turn, task = heapq.heappop(timers)
-                if task.turn == turn:
+                if task.turn == turn and task.timed:
+                    task.timed = False
                     self.wake(task, False)
+                else:
+                    self._stale -= 1
 
     def _step(self, task: _Task, answer: Any, error: BaseException | None) -> None:
         if task not in self._tasks:  # cancelled while ready
@@ -257,6 +304,8 @@ class Service:
         self._jobs = proc.Jobs()
         self._stop = StopSignal()
         self._loop = _Loop({proc.WaitJobs: self._wait_jobs})
+        self._kept = [sock.fileno() for sock, _ in self._listeners.sockets] + [self._stop.fd]
+        self._loop.keep(self._kept)  # waited for after every client
         self._conns: set[socket.socket] = set()
         self._acceptor: _Task | None = None
         self._full = False  # the acceptor waits for the stop alone
@@ -326,6 +375,7 @@ class Service:
     def _accepted(self, client: tuple[socket.socket, str] | None) -> None:
         self._acceptor = None
         if client is None:  # stopped
+            self._loop.release(self._kept)
             self._listeners.close()
             self._winder = self._loop.start(proc.wind_down(self._jobs, self.config), bool)
             return

@@ -9,6 +9,8 @@ descriptors, children and zombies around each test.
 
 from __future__ import annotations
 
+import os
+import select
 import signal
 import threading
 import time
@@ -19,8 +21,9 @@ from types import FrameType
 import pytest
 
 from execproto.adapters import UnixListener
+from execproto.adapters import _procedures as proc
 from execproto.adapters._common import ServiceConfig
-from execproto.adapters.blocking import Service
+from execproto.adapters.blocking import Service, _Loop
 
 from .flavours import children, connect_raw, guard, read_reply, sh_script, wait_for_file
 
@@ -135,3 +138,62 @@ def test_connections_are_served_without_a_thread_each(tmp_path: Path) -> None:
         service.stop()
         serving.join(10.0)
     assert not serving.is_alive()
+
+
+# --- the loop itself ---------------------------------------------------------------------
+
+
+def _waits(fd: int, times: int, timeout: float | None) -> proc.Procedure[None]:
+    for _ in range(times):
+        assert (yield proc.Wait(read=(fd,), timeout=timeout))
+
+
+def _registered(loop: _Loop) -> dict[int, int]:
+    return dict(loop._armed)
+
+
+def test_loop_sweeps_the_timers_of_waits_that_ended_early() -> None:
+    # Each wait ends at once (the fd is readable) long before its 60 s timer:
+    # the heap must not keep one entry per wait ever made.
+    r, w = os.pipe()
+    try:
+        os.write(w, b"x")
+        loop = _Loop({})
+        results: list[object] = []
+        loop.start(_waits(r, 5000, 60.0), results.append)
+        try:
+            loop.run()
+        finally:
+            loop.close()
+        assert results == [None]
+        # Without the sweep: 5,000 entries, every one due in a minute.
+        assert len(loop._timers) <= 2 * 256 + 1, len(loop._timers)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_loop_keeps_kept_fds_registered_and_drops_them_when_idle() -> None:
+    r, w = os.pipe()
+    other_r, other_w = os.pipe()
+    try:
+        loop = _Loop({})
+        loop.keep([r])
+        loop.start(_waits(r, 3, None), lambda _: None)
+        loop._step(*loop._ready.popleft())
+        assert _registered(loop) == {r: select.POLLIN}
+        os.write(w, b"x")
+        loop.run()  # three waits, the fd registered once throughout
+        assert _registered(loop) == {r: select.POLLIN}
+        # Readable with nobody waiting: unregistered, not reported forever.
+        loop.start(_waits(other_r, 1, 0.05), lambda _: None)
+        started = time.monotonic()
+        with pytest.raises(AssertionError):  # the wait on the other pipe times out
+            loop.run()
+        assert time.monotonic() - started < 5.0
+        assert r not in _registered(loop)
+        loop.release([r])
+        loop.close()
+    finally:
+        for fd in (r, w, other_r, other_w):
+            os.close(fd)
