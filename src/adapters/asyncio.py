@@ -5,7 +5,9 @@ waits for what they ask: readiness callbacks on raw descriptors
 (``loop.add_reader``/``add_writer``) for sockets, pipes and the pidfds of
 children alike, the default executor for a name lookup.  No transports,
 no asyncio subprocess API, no child watcher: each child is reaped by the
-procedure that started it.
+procedure that started it.  The service steps each connection's procedure
+from those callbacks directly; a run is a coroutine that awaits a future
+per wait.
 
 Cancelling :func:`run` (or leaving an :func:`open_run` block early) closes
 the connection, or kills the fork driver's child at once and reaps it.
@@ -17,6 +19,7 @@ cancellation skips the waiting.
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import (
     Awaitable,
     Callable,
@@ -142,6 +145,60 @@ def open_run(target: Target | str, args: Iterable[BytesLike] = (), *, input: Inp
     return RunStream(procedure, _answers(input, None))
 
 
+class _Connection:
+    """One client's procedure, stepped from the loop's own callbacks.
+
+    A wait is a reader, writer or timer callback that resumes the procedure
+    directly: no task, future or coroutine per connection or per wait, and
+    one pass of the loop per wait instead of two.  The procedure is every
+    flavour's; *finished* is called once it has ended.
+    """
+
+    __slots__ = ("_finished", "_handle", "_loop", "_procedure", "_reads", "_writes")
+
+    def __init__(self, procedure: proc.Procedure[None],
+                 finished: Callable[[], object]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._procedure, self._finished = procedure, finished
+        self._reads: tuple[int, ...] = ()
+        self._writes: tuple[int, ...] = ()
+        #: The pending timer or call_soon of the current wait, if any.
+        self._handle: asyncio.Handle | None = self._loop.call_soon(self._step, None)
+
+    def _unwait(self) -> None:
+        loop = self._loop
+        for fd in self._reads:
+            loop.remove_reader(fd)
+        for fd in self._writes:
+            loop.remove_writer(fd)
+        if self._handle is not None:
+            self._handle.cancel()
+        self._reads, self._writes, self._handle = (), (), None
+
+    def _step(self, answer: object) -> None:
+        self._unwait()
+        try:
+            request = self._procedure.send(answer)
+        except StopIteration:
+            self._finished()
+            return
+        except BaseException:  # an interruption (KeyboardInterrupt) went through it
+            self._finished()
+            raise
+        loop = self._loop
+        if type(request) is proc.Turn:
+            self._handle = loop.call_soon(self._step, None)
+            return
+        assert type(request) is proc.Wait, request  # a service asks for nothing else
+        for fd in request.read:
+            loop.add_reader(fd, self._step, True)
+        for fd in request.write:
+            loop.add_writer(fd, self._step, True)
+        self._reads, self._writes = request.read, request.write
+        if request.timeout is not None:
+            self._handle = loop.call_later(max(request.timeout, 0.0), self._step, False)
+
+
 class _Service:
     """The listeners and the running connections of one :func:`serve` call."""
 
@@ -149,7 +206,8 @@ class _Service:
         self.config = config
         self.listeners = Listeners(listeners, config)
         self.jobs = proc.Jobs()
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.connections: set[_Connection] = set()
+        self.idle: asyncio.Future[None] | None = None  # set when the last connection ends
         self.slots = asyncio.Semaphore(config.max_connections)
 
     async def serve(self, ready: Callable[[list[Address]], object] | None) -> None:
@@ -170,31 +228,31 @@ class _Service:
         finally:
             self.listeners.close()
             await proc.drive(proc.wind_down(self.jobs, self.config),
-                        {**_ANSWERS, proc.WaitJobs: self._wait_jobs})
+                             {**_ANSWERS, proc.WaitJobs: self._wait_jobs})
 
     def _start(self, conn: Any, peer: str) -> None:
-        job = proc.Job(cancel=lambda: task.cancel())
-        task = asyncio.ensure_future(
-            proc.drive(proc.serve_connection(conn, peer, self.config, job), _ANSWERS))
-        self.jobs.add(job)
-        self.tasks.add(task)
+        # Shutting the socket down ends whatever the procedure waits for on it.
+        job = proc.Job(cancel=lambda: conn.shutdown(socket.SHUT_RDWR))
 
-        def finished(task: asyncio.Task[None]) -> None:
-            # Here rather than in the task: a task cancelled before it ran
-            # never enters its own finally.
+        def finished() -> None:
             conn.close()
             self.jobs.discard(job)
-            self.tasks.discard(task)
+            self.connections.discard(connection)
             self.slots.release()
-            _retrieve(task)
+            if not self.connections and self.idle is not None and not self.idle.done():
+                self.idle.set_result(None)
 
-        task.add_done_callback(finished)
+        self.jobs.add(job)
+        connection = _Connection(proc.serve_connection(conn, peer, self.config, job), finished)
+        self.connections.add(connection)
 
     async def _wait_jobs(self, request: proc.WaitJobs) -> bool:
-        if not self.tasks:
+        if not self.connections:
             return True
-        _, pending = await asyncio.wait(set(self.tasks), timeout=request.timeout)
-        return not pending
+        if self.idle is None or self.idle.done():
+            self.idle = asyncio.get_running_loop().create_future()
+        done, _ = await asyncio.wait({self.idle}, timeout=request.timeout)
+        return bool(done)
 
 
 async def serve(
