@@ -26,7 +26,7 @@ from collections.abc import (
     Iterable,
     Sequence,
 )
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from typing_extensions import Unpack
 
@@ -145,19 +145,20 @@ def open_run(target: Target | str, args: Iterable[BytesLike] = (), *, input: Inp
     return RunStream(procedure, _answers(input, None))
 
 
-class _Connection:
-    """One client's procedure, stepped from the loop's own callbacks.
+class _Stepper(Generic[T]):
+    """A service's procedure (accepting, or one client), stepped from the loop's callbacks.
 
     A wait is a reader, writer or timer callback that resumes the procedure
     directly: no task, future or coroutine per connection or per wait, and
     one pass of the loop per wait instead of two.  The procedure is every
-    flavour's; *finished* is called once it has ended.
+    flavour's; *finished* gets its result once it has ended (None if it
+    raised).
     """
 
     __slots__ = ("_finished", "_handle", "_loop", "_procedure", "_reads", "_writes")
 
-    def __init__(self, procedure: proc.Procedure[None],
-                 finished: Callable[[], object]) -> None:
+    def __init__(self, procedure: proc.Procedure[T],
+                 finished: Callable[[T | None], object]) -> None:
         self._loop = asyncio.get_running_loop()
         self._procedure, self._finished = procedure, finished
         self._reads: tuple[int, ...] = ()
@@ -179,11 +180,11 @@ class _Connection:
         self._unwait()
         try:
             request = self._procedure.send(answer)
-        except StopIteration:
-            self._finished()
+        except StopIteration as stop:
+            self._finished(stop.value)
             return
         except BaseException:  # an interruption (KeyboardInterrupt) went through it
-            self._finished()
+            self._finished(None)
             raise
         loop = self._loop
         if type(request) is proc.Turn:
@@ -198,6 +199,11 @@ class _Connection:
         if request.timeout is not None:
             self._handle = loop.call_later(max(request.timeout, 0.0), self._step, False)
 
+    def cancel(self) -> None:
+        """End the procedure where it waits; *finished* is not called."""
+        self._unwait()
+        self._procedure.close()
+
 
 class _Service:
     """The listeners and the running connections of one :func:`serve` call."""
@@ -206,45 +212,53 @@ class _Service:
         self.config = config
         self.listeners = Listeners(listeners, config)
         self.jobs = proc.Jobs()
-        self.connections: set[_Connection] = set()
+        self.connections: set[_Stepper[None]] = set()
+        self.acceptor: _Stepper[Any] | None = None
+        self.stopping = False
         self.idle: asyncio.Future[None] | None = None  # set when the last connection ends
-        self.slots = asyncio.Semaphore(config.max_connections)
 
     async def serve(self, ready: Callable[[list[Address]], object] | None) -> None:
         try:
             if ready is not None:
                 ready(self.listeners.addresses)
-            while True:
-                # Take a slot before accepting: extra clients wait in the backlog.
-                await self.slots.acquire()
-                try:
-                    client = await proc.drive(proc.accept(self.listeners.sockets, self.config),
-                                         _ANSWERS)
-                except BaseException:
-                    self.slots.release()
-                    raise
-                assert client is not None
-                self._start(*client)
+            self._accept_next()
+            await asyncio.get_running_loop().create_future()  # until cancelled
         finally:
+            self.stopping = True
+            if self.acceptor is not None:
+                self.acceptor.cancel()
+                self.acceptor = None
             self.listeners.close()
             await proc.drive(proc.wind_down(self.jobs, self.config),
                              {**_ANSWERS, proc.WaitJobs: self._wait_jobs})
 
-    def _start(self, conn: Any, peer: str) -> None:
+    def _accept_next(self) -> None:
+        # With every slot taken, accept nothing: extra clients wait in the
+        # backlog until a connection ends.
+        if not self.stopping and len(self.connections) < self.config.max_connections:
+            self.acceptor = _Stepper(proc.accept(self.listeners.sockets, self.config),
+                                     self._accepted)
+
+    def _accepted(self, client: tuple[socket.socket, str] | None) -> None:
+        self.acceptor = None
+        assert client is not None  # no stop signal: accept() returns a client
+        conn, peer = client
         # Shutting the socket down ends whatever the procedure waits for on it.
         job = proc.Job(cancel=lambda: conn.shutdown(socket.SHUT_RDWR))
 
-        def finished() -> None:
+        def finished(_: None) -> None:
             conn.close()
             self.jobs.discard(job)
             self.connections.discard(connection)
-            self.slots.release()
             if not self.connections and self.idle is not None and not self.idle.done():
                 self.idle.set_result(None)
+            if self.acceptor is None:  # a slot is free again
+                self._accept_next()
 
         self.jobs.add(job)
-        connection = _Connection(proc.serve_connection(conn, peer, self.config, job), finished)
+        connection = _Stepper(proc.serve_connection(conn, peer, self.config, job), finished)
         self.connections.add(connection)
+        self._accept_next()
 
     async def _wait_jobs(self, request: proc.WaitJobs) -> bool:
         if not self.connections:
