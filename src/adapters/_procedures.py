@@ -82,10 +82,10 @@ from ._common import (
     DEFAULT_CONNECT_TIMEOUT,
     KILL_TIMEOUT,
     UNIX_RETRY_INTERVAL,
+    Listeners,
     RunOptions,
     RunResult,
     ServiceConfig,
-    StopSignal,
     coerce_target,
     describe_connect_error,
     describe_returncode,
@@ -112,6 +112,8 @@ __all__ = [
     "Offload",
     "Procedure",
     "RunStream",
+    "Serving",
+    "Start",
     "Turn",
     "Wait",
     "WaitJobs",
@@ -846,22 +848,15 @@ class Jobs:
                     job.cancel()
 
 
-def accept(listeners: list[tuple[socket.socket, str | tuple[str, int]]], config: ServiceConfig,
-           stop: StopSignal | None = None, *,
-           wait_first: bool = False) -> Procedure[tuple[socket.socket, str] | None]:
-    """Accept one client of any listener: ``(socket, peer label)``; None once *stop* is set.
+def accept(listeners: list[tuple[socket.socket, str | tuple[str, int]]],
+           config: ServiceConfig) -> Procedure[tuple[socket.socket, str]]:
+    """Accept one client of any listener: ``(socket, peer label)``.
 
-    *wait_first*: wait for a listener to be ready before trying to accept
-    (cheaper where one thread does nothing but accept: at one client at a
-    time the first try would fail anyway).  Failures such as EMFILE are
-    logged and retried after 0.1 s: the service keeps serving.
+    Failures such as EMFILE are logged and retried after 0.1 s: the service
+    keeps serving.  A service stops accepting by cancelling it.
     """
-    fds = tuple(sock.fileno() for sock, _ in listeners) + (() if stop is None else (stop.fd,))
-    if wait_first:
-        yield Wait(read=fds)
+    fds = tuple(sock.fileno() for sock, _ in listeners)
     while True:
-        if stop is not None and stop.is_set():
-            return None
         for sock, name in listeners:
             try:
                 conn, peer = sock.accept()
@@ -1070,3 +1065,77 @@ def wind_down(jobs: Jobs, config: ServiceConfig) -> Procedure[None]:
             interrupted = interrupted or exc
     if interrupted is not None:
         raise interrupted
+
+
+#: How a flavour runs a procedure of its service: ``start(procedure, done)``
+#: drives it in the service's loop, calls ``done(result)`` when it ends (None
+#: if it raised) and returns what cancels it where it waits (*done* is then
+#: not called).
+Start = Callable[[Procedure[Any], Callable[[Any], object]], Callable[[], object]]
+
+
+class Serving:
+    """The accepting and the connections of a service whose flavour steps procedures itself.
+
+    The blocking and asyncio services run every procedure from their loop's
+    callbacks (trio runs each in a task of its nursery).  This is their one
+    plan: accept while a slot is free (extra clients wait in the listen
+    backlog), run :func:`serve_connection` for each client, accept again
+    when a connection ends, and on :meth:`stop` cancel the accepting and
+    close the listeners; :func:`wind_down` does the rest.
+
+    Args:
+        listeners: the bound listeners.
+        config: the service's settings.
+        start: the flavour's way to run a procedure (:data:`Start`).
+        idle: called whenever the last running connection has ended.
+    """
+
+    def __init__(self, listeners: Listeners, config: ServiceConfig, start: Start,
+                 idle: Callable[[], object]) -> None:
+        self.listeners, self.config = listeners, config
+        self.jobs = Jobs()
+        #: The client sockets of the connections being handled.
+        self.sockets: set[socket.socket] = set()
+        self._start, self._idle = start, idle
+        self._cancel_accept: Callable[[], object] | None = None
+        self._stopped = False
+
+    def begin(self) -> None:
+        """Start accepting."""
+        self._accept_next()
+
+    def stop(self) -> None:
+        """Stop accepting and close the listeners (unix socket files removed)."""
+        self._stopped = True
+        if self._cancel_accept is not None:
+            self._cancel_accept()
+            self._cancel_accept = None
+        self.listeners.close()
+
+    def _accept_next(self) -> None:
+        if not self._stopped and len(self.jobs) < self.config.max_connections:
+            self._cancel_accept = self._start(accept(self.listeners.sockets, self.config),
+                                              self._accepted)
+
+    def _accepted(self, client: tuple[socket.socket, str] | None) -> None:
+        self._cancel_accept = None
+        if client is None:  # accept() raised: what it raised went up the loop
+            return
+        conn, peer = client
+        # Shutting the socket down ends whatever the procedure waits for on it.
+        job = Job(cancel=lambda: conn.shutdown(socket.SHUT_RDWR))
+        self.jobs.add(job)
+        self.sockets.add(conn)
+        self._start(serve_connection(conn, peer, self.config, job),
+                    lambda _: self._finished(job, conn))
+        self._accept_next()
+
+    def _finished(self, job: Job, conn: socket.socket) -> None:
+        self.jobs.discard(job)
+        self.sockets.discard(conn)
+        conn.close()
+        if not len(self.jobs):
+            self._idle()
+        if self._cancel_accept is None:  # every slot was taken: one is free now
+            self._accept_next()

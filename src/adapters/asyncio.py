@@ -19,7 +19,6 @@ cancellation skips the waiting.
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import (
     Awaitable,
     Callable,
@@ -206,62 +205,36 @@ class _Stepper(Generic[T]):
 
 
 class _Service:
-    """The listeners and the running connections of one :func:`serve` call."""
+    """One :func:`serve` call: the shared plan of :class:`proc.Serving`, stepped by callbacks."""
 
     def __init__(self, listeners: Sequence[Listener], config: ServiceConfig) -> None:
         self.config = config
-        self.listeners = Listeners(listeners, config)
-        self.jobs = proc.Jobs()
-        self.connections: set[_Stepper[None]] = set()
-        self.acceptor: _Stepper[Any] | None = None
-        self.stopping = False
+        self.serving = proc.Serving(Listeners(listeners, config), config, self._start,
+                                    self._idle)
         self.idle: asyncio.Future[None] | None = None  # set when the last connection ends
 
     async def serve(self, ready: Callable[[list[Address]], object] | None) -> None:
         try:
             if ready is not None:
-                ready(self.listeners.addresses)
-            self._accept_next()
+                ready(self.serving.listeners.addresses)
+            self.serving.begin()
             await asyncio.get_running_loop().create_future()  # until cancelled
         finally:
-            self.stopping = True
-            if self.acceptor is not None:
-                self.acceptor.cancel()
-                self.acceptor = None
-            self.listeners.close()
-            await proc.drive(proc.wind_down(self.jobs, self.config),
+            self.serving.stop()
+            await proc.drive(proc.wind_down(self.serving.jobs, self.config),
                              {**_ANSWERS, proc.WaitJobs: self._wait_jobs})
 
-    def _accept_next(self) -> None:
-        # With every slot taken, accept nothing: extra clients wait in the
-        # backlog until a connection ends.
-        if not self.stopping and len(self.connections) < self.config.max_connections:
-            self.acceptor = _Stepper(proc.accept(self.listeners.sockets, self.config),
-                                     self._accepted)
+    @staticmethod
+    def _start(procedure: proc.Procedure[Any],
+               done: Callable[[Any], object]) -> Callable[[], object]:
+        return _Stepper(procedure, done).cancel
 
-    def _accepted(self, client: tuple[socket.socket, str] | None) -> None:
-        self.acceptor = None
-        assert client is not None  # no stop signal: accept() returns a client
-        conn, peer = client
-        # Shutting the socket down ends whatever the procedure waits for on it.
-        job = proc.Job(cancel=lambda: conn.shutdown(socket.SHUT_RDWR))
-
-        def finished(_: None) -> None:
-            conn.close()
-            self.jobs.discard(job)
-            self.connections.discard(connection)
-            if not self.connections and self.idle is not None and not self.idle.done():
-                self.idle.set_result(None)
-            if self.acceptor is None:  # a slot is free again
-                self._accept_next()
-
-        self.jobs.add(job)
-        connection = _Stepper(proc.serve_connection(conn, peer, self.config, job), finished)
-        self.connections.add(connection)
-        self._accept_next()
+    def _idle(self) -> None:
+        if self.idle is not None and not self.idle.done():
+            self.idle.set_result(None)
 
     async def _wait_jobs(self, request: proc.WaitJobs) -> bool:
-        if not self.connections:
+        if not len(self.serving.jobs):
             return True
         if self.idle is None or self.idle.done():
             self.idle = asyncio.get_running_loop().create_future()

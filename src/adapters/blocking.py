@@ -13,7 +13,6 @@ from __future__ import annotations
 import heapq
 import itertools
 import select
-import socket
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -300,30 +299,30 @@ class Service:
 
     def __init__(self, listeners: Sequence[Listener], config: ServiceConfig) -> None:
         self.config = config
-        self._listeners = Listeners(listeners, config)
-        self._jobs = proc.Jobs()
+        # Binding first: if it fails, nothing else has been opened.
+        self._serving = proc.Serving(Listeners(listeners, config), config, self._start,
+                                     self._idle)
         self._stop = StopSignal()
         self._loop = _Loop({proc.WaitJobs: self._wait_jobs})
-        self._kept = [sock.fileno() for sock, _ in self._listeners.sockets] + [self._stop.fd]
-        self._loop.keep(self._kept)  # waited for after every client
-        self._conns: set[socket.socket] = set()
-        self._acceptor: _Task | None = None
-        self._full = False  # the acceptor waits for the stop alone
+        # Waited for again after every client: kept in the epoll set.
+        self._kept = [sock.fileno() for sock, _ in self._serving.listeners.sockets]
+        self._kept.append(self._stop.fd)
+        self._loop.keep(self._kept)
         self._winder: _Task | None = None
-        self._serving = False
+        self._started = False
 
     @property
     def addresses(self) -> list[str | tuple[str, int]]:
         """The bound addresses, unix paths and ``(host, port)`` pairs."""
-        return self._listeners.addresses
+        return self._serving.listeners.addresses
 
     def __enter__(self) -> Service:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-        if not self._serving:  # serve_forever() never ran: clean up here
-            self._listeners.close()
+        if not self._started:  # serve_forever() never ran: clean up here
+            self._serving.listeners.close()
             self._stop.close()
             self._loop.close()
 
@@ -343,10 +342,11 @@ class Service:
         at the end; a second one, or one during the stop, ends every
         connection at once (scripts killed and reaped) and is raised.
         """
-        self._serving = True
+        self._started = True
         interrupted: BaseException | None = None
         try:
-            self._accept_next()
+            self._serving.begin()
+            self._loop.start(self._until_stopped(), self._stopped)
             while len(self._loop):
                 try:
                     self._loop.run()
@@ -357,51 +357,34 @@ class Service:
                     self.stop()
         finally:
             self._loop.close()
-            for conn in self._conns:
+            for conn in self._serving.sockets:
                 conn.close()
-            self._listeners.close()
+            self._serving.listeners.close()
             self._stop.close()
         if interrupted is not None:
             raise interrupted
 
-    def _accept_next(self) -> None:
-        # With a slot free, accept; else wait for the stop alone (extra
-        # clients wait in the listen backlog).
-        self._full = len(self._jobs) >= self.config.max_connections
-        accept = proc.accept([] if self._full else self._listeners.sockets, self.config,
-                             self._stop)
-        self._acceptor = self._loop.start(accept, self._accepted)
+    def _start(self, procedure: proc.Procedure[Any],
+               done: Callable[[Any], object]) -> Callable[[], object]:
+        task = self._loop.start(procedure, done)
+        return lambda: self._loop.cancel(task)
 
-    def _accepted(self, client: tuple[socket.socket, str] | None) -> None:
-        self._acceptor = None
-        if client is None:  # stopped
-            self._loop.release(self._kept)
-            self._listeners.close()
-            self._winder = self._loop.start(proc.wind_down(self._jobs, self.config), bool)
-            return
-        conn, peer = client
-        # Shutting the socket down ends whatever the procedure waits for on it.
-        job = proc.Job(cancel=lambda: conn.shutdown(socket.SHUT_RDWR))
-        self._jobs.add(job)
-        self._conns.add(conn)
-        self._loop.start(proc.serve_connection(conn, peer, self.config, job),
-                         lambda _: self._finished(job, conn))
-        self._accept_next()
+    def _until_stopped(self) -> proc.Procedure[None]:
+        while not self._stop.is_set():
+            yield proc.Wait(read=(self._stop.fd,))
 
-    def _finished(self, job: proc.Job, conn: socket.socket) -> None:
-        self._jobs.discard(job)
-        self._conns.discard(conn)
-        conn.close()
+    def _stopped(self, _: None) -> None:
+        self._loop.release(self._kept)
+        self._serving.stop()
+        self._winder = self._loop.start(proc.wind_down(self._serving.jobs, self.config), bool)
+
+    def _idle(self) -> None:
         if self._winder is not None:
-            if not len(self._jobs):
-                self._loop.wake(self._winder)
-        elif self._full and self._acceptor is not None:  # a slot is free again
-            self._loop.cancel(self._acceptor)
-            self._accept_next()
+            self._loop.wake(self._winder)
 
     def _wait_jobs(self, task: _Task, request: proc.WaitJobs) -> None:
         self._loop.park(task, timeout=request.timeout)
-        if not len(self._jobs):
+        if not len(self._serving.jobs):
             self._loop.wake(task)
 
 

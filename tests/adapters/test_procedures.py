@@ -41,10 +41,11 @@ from execproto.adapters import _procedures as procs
 from execproto.adapters._common import (
     CHUNK,
     KILL_TIMEOUT,
+    Listeners,
     RunOptions,
     RunResult,
     ServiceConfig,
-    StopSignal,
+    UnixListener,
 )
 from execproto.adapters._procedures import (
     Deliver,
@@ -1138,7 +1139,6 @@ def unix_listener(short_dir: str) -> Iterator[tuple[socket.socket, str]]:
 def test_accept_waits_for_a_client(clock: FakeClock, logger: logging.Logger,
                                    unix_listener: tuple[socket.socket, str]) -> None:
     listener, path = unix_listener
-    stop = StopSignal()
     clients: list[socket.socket] = []
 
     def a_client_comes(request: Wait) -> bool:
@@ -1148,47 +1148,13 @@ def test_accept_waits_for_a_client(clock: FakeClock, logger: logging.Logger,
 
     w = FakeWaiter(clock).on(Wait, a_client_comes, when=lambda r: r.timeout is None)
     try:
-        got = w.run(procs.accept([(listener, path)], config(logger), stop))
-        assert got is not None
-        conn, peer = got
+        conn, peer = w.run(procs.accept([(listener, path)], config(logger)))
         conn.close()
         assert peer == f"unix:{path}"
-        assert w.requests == [Wait(read=(listener.fileno(), stop.fd))]
+        assert w.requests == [Wait(read=(listener.fileno(),))]
     finally:
-        stop.close()
         for sock in clients:
             sock.close()
-
-
-def test_accept_can_wait_first(clock: FakeClock, logger: logging.Logger,
-                               unix_listener: tuple[socket.socket, str]) -> None:
-    # The blocking service's accept thread waits before it tries: at one
-    # client at a time the first try would fail anyway.
-    listener, path = unix_listener
-    with socket.socket(socket.AF_UNIX) as client:
-        client.connect(path)
-        w = FakeWaiter(clock)
-        got = w.run(procs.accept([(listener, path)], config(logger), wait_first=True))
-        assert got is not None
-        got[0].close()
-        assert w.requests == [Wait(read=(listener.fileno(),))]
-
-
-def test_accept_returns_none_when_stopped(clock: FakeClock, logger: logging.Logger,
-                                          unix_listener: tuple[socket.socket, str]) -> None:
-    listener, path = unix_listener
-    stop = StopSignal()
-    try:
-        stop.set()
-        w = FakeWaiter(clock)
-        assert w.run(procs.accept([(listener, path)], config(logger), stop)) is None
-        assert w.requests == []
-        w = FakeWaiter(clock)
-        assert w.run(procs.accept([(listener, path)], config(logger), stop,
-                                  wait_first=True)) is None
-        assert w.requests == [Wait(read=(listener.fileno(), stop.fd))]
-    finally:
-        stop.close()
 
 
 def test_accept_logs_failures_and_retries(
@@ -1208,6 +1174,69 @@ def test_accept_logs_failures_and_retries(
         assert w.requests == [Wait(timeout=0.1)] + [Wait(read=(sock.fileno(),))] * 2
         assert log_lines(caplog) == [
             (logging.ERROR, "accept() failed: [Errno 24] Too many open files")]
+
+
+# --- service: the accepting plan of the services that step procedures -----------------
+
+
+class Starts:
+    """A flavour's ``start`` for :class:`procs.Serving`: it records, the test drives."""
+
+    def __init__(self) -> None:
+        self.started: list[tuple[Any, Callable[[Any], object]]] = []
+        self.cancelled: list[Any] = []
+
+    def __call__(self, procedure: Any, done: Callable[[Any], object]) -> Callable[[], object]:
+        self.started.append((procedure, done))
+
+        def cancel() -> None:
+            self.cancelled.append(procedure)
+            procedure.close()
+        return cancel
+
+    def names(self) -> list[str]:
+        return [procedure.__name__ for procedure, _ in self.started]
+
+
+def test_serving_accepts_while_a_slot_is_free(
+        clock: FakeClock, logger: logging.Logger, short_dir: str) -> None:
+    path = os.path.join(short_dir, "s")
+    cfg = config(logger, max_connections=2)
+    starts, idle = Starts(), []
+    serving = procs.Serving(Listeners([UnixListener(path)], cfg), cfg, starts,
+                            lambda: idle.append(True))
+    clients: list[socket.socket] = []
+    try:
+        serving.begin()
+        for _ in range(2):
+            assert starts.names()[-1] == "accept"
+            accept, accepted = starts.started[-1]
+            clients.append(socket.socket(socket.AF_UNIX))
+            clients[-1].connect(path)
+            accepted(FakeWaiter(clock).run(accept))
+        # Two connections, no slot left: nothing accepts (clients wait in the backlog).
+        assert starts.names() == ["accept", "serve_connection", "accept", "serve_connection"]
+        assert len(serving.jobs) == 2 and len(serving.sockets) == 2
+        first, second = starts.started[1][1], starts.started[3][1]
+        first(None)  # a connection ends: its slot is free, accepting starts again
+        assert starts.names()[-1] == "accept" and len(starts.started) == 5
+        assert len(serving.jobs) == 1 and idle == []
+        second(None)
+        assert idle == [True] and not serving.sockets
+        starts.started[-1][1](None)  # an accept() that raised: nothing to start
+        assert len(starts.started) == 5
+        serving.begin()
+        serving.stop()  # cancels the waiting accept, closes the listeners
+        assert starts.cancelled == [starts.started[-1][0]]
+        assert not os.path.exists(path)
+        serving.stop()
+        assert len(starts.cancelled) == 1
+    finally:
+        for procedure, _ in starts.started:
+            procedure.close()
+        for sock in clients:
+            sock.close()
+        serving.listeners.close()
 
 
 # --- service: jobs and the stop plan -------------------------------------------------
