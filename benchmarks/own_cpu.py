@@ -10,6 +10,7 @@ library, no Dovecot, every wait bounded.
     python benchmarks/own_cpu.py                     # C = 1, 3,000 requests, two rounds
     python benchmarks/own_cpu.py --concurrency 16 --requests 5000
     python benchmarks/own_cpu.py --waits             # the CPU of one wait, per flavour
+    python benchmarks/own_cpu.py --fork              # where a fork-driver run spends its CPU
 
 ``--waits`` times what each flavour's answer to one ``Wait`` costs, without
 a service: a procedure writes a byte to a pipe, waits for the other end to
@@ -18,6 +19,11 @@ with a bare ``epoll`` register, poll and unregister is the floor.  A
 request waits three or four times (accept, header, the script's exit, the
 client's close), so this cost, times four, is what an event loop adds to a
 request beyond the blocking flavour's.
+
+``--fork`` splits the CPU of ``blocking.run("fork:/bin/true")`` (the calling
+thread's, not the child's) into phases, by wrapping the procedures' spawn,
+pidfd and wait-for-exit steps, over 2,000 runs; a bare ``posix_spawn`` +
+``waitpid`` is timed beside it.
 """
 
 from __future__ import annotations
@@ -152,6 +158,60 @@ def wait_cost(flavour: str, n: int, timeout: float | None) -> float:
         os.close(w)
 
 
+def fork_phases(n: int) -> list[tuple[str, float]]:
+    """CPU µs per phase of a fork-driver run, and of a bare spawn; see the module's text."""
+    from execproto.adapters import _procedures as proc
+    from execproto.adapters import blocking
+
+    marks: list[tuple[str, int]] = []
+    names = ("spawn", "open_pidfd", "wait_child")
+    saved: dict[str, Any] = {name: getattr(proc, name) for name in names}
+    spawn, open_pidfd, wait_child = (saved[name] for name in names)
+
+    def timed_spawn(*args: Any, **kwargs: Any) -> int:
+        marks.append(("start_run, /dev/null and the output pipe", time.thread_time_ns()))
+        pid: int = spawn(*args, **kwargs)
+        marks.append(("posix_spawn", time.thread_time_ns()))
+        return pid
+
+    def timed_open_pidfd(pid: int) -> int:
+        fd: int = open_pidfd(pid)
+        marks.append(("close the child's ends, pidfd_open", time.thread_time_ns()))
+        return fd
+
+    def timed_wait_child(*args: Any) -> Any:
+        marks.append(("read the output to its end (one wait)", time.thread_time_ns()))
+        code = yield from wait_child(*args)
+        marks.append(("wait for the exit, reap", time.thread_time_ns()))
+        return code
+
+    totals: dict[str, int] = {}
+    for name, timed in zip(names, (timed_spawn, timed_open_pidfd, timed_wait_child), strict=True):
+        setattr(proc, name, timed)
+    try:
+        for i in range(n + 200):
+            marks.clear()
+            started = time.thread_time_ns()
+            blocking.run("fork:/bin/true")
+            ended = time.thread_time_ns()
+            if i < 200:
+                continue  # warm-up
+            previous = started
+            for name, at in [*marks, ("close, RunResult", ended)]:
+                totals[name] = totals.get(name, 0) + at - previous
+                previous = at
+    finally:
+        for name in names:
+            setattr(proc, name, saved[name])
+    rows = [(name, ns / n / 1000) for name, ns in totals.items()]
+    rows.append(("total", sum(ns for ns in totals.values()) / n / 1000))
+    started = time.thread_time_ns()
+    for _ in range(n):
+        os.waitpid(os.posix_spawn(b"/bin/true", [b"/bin/true"], {}), 0)
+    rows.append(("bare posix_spawn + waitpid", (time.thread_time_ns() - started) / n / 1000))
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--concurrency", type=int, default=1)
@@ -159,7 +219,16 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--flavours", default="blocking,asyncio,trio")
     ap.add_argument("--waits", action="store_true", help="time one wait per flavour instead")
+    ap.add_argument("--fork", action="store_true", help="split a fork-driver run into phases")
     args = ap.parse_args()
+    if args.fork:
+        print("| phase of `blocking.run(\"fork:/bin/true\")` | CPU µs per run |  (2,000 runs, "
+              f"{args.rounds} rounds, each listed)")
+        print("| --- | ---: |")
+        results = [fork_phases(2000) for _ in range(args.rounds)]
+        for i, (name, _) in enumerate(results[0]):
+            print(f"| {name} | {' / '.join(f'{r[i][1]:.0f}' for r in results)} |")
+        return 0
     if args.waits:
         print("| waiter | CPU µs per wait, no timeout | with a timeout |  (20,000 waits, "
               f"{args.rounds} rounds, each listed)")
