@@ -186,8 +186,9 @@ def fork_phases(n: int) -> list[tuple[str, float]]:
         return code
 
     totals: dict[str, int] = {}
-    for name, timed in zip(names, (timed_spawn, timed_open_pidfd, timed_wait_child), strict=True):
-        setattr(proc, name, timed)
+    timed: tuple[Any, ...] = (timed_spawn, timed_open_pidfd, timed_wait_child)
+    for name, replacement in zip(names, timed, strict=True):
+        setattr(proc, name, replacement)
     try:
         for i in range(n + 200):
             marks.clear()
