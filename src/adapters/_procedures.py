@@ -876,9 +876,8 @@ class _HeaderTimeout(Exception):
 
 # A client's socket stays in blocking mode from accept to close, as the script
 # needs it: the service's own calls say MSG_DONTWAIT instead of switching the
-# mode back and forth (three fcntl calls per request fewer).
-# Plain ints: the socket module's MsgFlag members combine through enum's
-# Python-level __or__ (about 3 us a request here).
+# mode back and forth (three ioctl calls fewer per request).  Plain ints: the
+# socket module's MsgFlag members combine through enum's Python-level __or__.
 _DONTWAIT = int(socket.MSG_DONTWAIT)
 _PEEK = int(socket.MSG_PEEK)
 

@@ -123,8 +123,8 @@ class _Task:
 class _Loop:
     """Drives many procedures in one thread: each waits on ``epoll``, none blocks the others.
 
-    *answers* handles the requests other than Wait, Offload and Turn (the
-    service's WaitJobs).  An Offload runs in place (a service asks for none).
+    *answers* handles the requests other than Wait and Turn (the service's
+    WaitJobs); a service's procedures ask for nothing else.
 
     A descriptor is in the epoll set only while a task waits for it, except
     those given to :meth:`keep` (the listeners and the stop signal, waited
@@ -139,7 +139,7 @@ class _Loop:
         self._kept: set[int] = set()
         self._timers: list[tuple[float, int, int, _Task]] = []
         self._stale = 0  # timers of waits that ended otherwise, still in the heap
-        self._ready: deque[tuple[_Task, Any, BaseException | None]] = deque()
+        self._ready: deque[tuple[_Task, Any]] = deque()
         self._tasks: set[_Task] = set()
         self._answers = answers
         self._order = itertools.count()
@@ -151,7 +151,7 @@ class _Loop:
         """Drive *procedure* from the next turn on; *done* gets its result (None if it raised)."""
         task = _Task(procedure, done)
         self._tasks.add(task)
-        self._ready.append((task, None, None))
+        self._ready.append((task, None))
         return task
 
     def keep(self, fds: Iterable[int]) -> None:
@@ -190,7 +190,7 @@ class _Loop:
         """End *task*'s wait (if it waits): it goes on with *answer*."""
         if task.parked:
             self._unpark(task)
-            self._ready.append((task, answer, None))
+            self._ready.append((task, answer))
 
     def cancel(self, task: _Task) -> None:
         """End *task* at once, waiting or not; its *done* is not called."""
@@ -245,35 +245,25 @@ class _Loop:
                 else:
                     self._stale -= 1
 
-    def _step(self, task: _Task, answer: Any, error: BaseException | None) -> None:
+    def _step(self, task: _Task, answer: Any) -> None:
         if task not in self._tasks:  # cancelled while ready
             return
-        procedure = task.procedure
-        while True:
-            try:
-                request = procedure.throw(error) if error is not None else procedure.send(answer)
-            except StopIteration as stop:
-                self._tasks.discard(task)
-                task.done(stop.value)
-                return
-            except BaseException:
-                self._tasks.discard(task)
-                task.done(None)
-                raise
-            if isinstance(request, proc.Wait):
-                self.park(task, request.read, request.write, request.timeout)
-                return
-            if isinstance(request, proc.Offload):
-                try:
-                    answer, error = request.fn(*request.args), None
-                except BaseException as exc:  # thrown into the procedure
-                    answer, error = None, exc
-                continue
-            if isinstance(request, proc.Turn):
-                self._ready.append((task, None, None))
-            else:
-                self._answers[type(request)](task, request)
+        try:
+            request = task.procedure.send(answer)
+        except StopIteration as stop:
+            self._tasks.discard(task)
+            task.done(stop.value)
             return
+        except BaseException:
+            self._tasks.discard(task)
+            task.done(None)
+            raise
+        if type(request) is proc.Wait:
+            self.park(task, request.read, request.write, request.timeout)
+        elif type(request) is proc.Turn:
+            self._ready.append((task, None))
+        else:
+            self._answers[type(request)](task, request)
 
     def close(self) -> None:
         """End every task at once (its procedure cleans up: scripts killed and reaped)."""

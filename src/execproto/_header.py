@@ -267,8 +267,13 @@ class HeaderParser:
             raise RemoteProtocolError(
                 f"disconnected before the end of the header ({len(buf)} bytes received)"
             )
-        if not buf:
-            # The usual case, a whole header in the first chunk: no buffer.
+        start = max(self._scanned - 1, 0)
+        if buf:
+            buf += data
+            end = buf.find(b"\n\n", start)
+        else:
+            # The first chunk is searched where it is: the usual case, a whole
+            # header in one chunk, is parsed from it without the buffer.
             first = bytes(data)
             end = first.find(b"\n\n")
             if 0 <= end <= self._max - 2:
@@ -276,9 +281,7 @@ class HeaderParser:
                 self.result = parse_header_text(first[:end], end + 2)
                 self.trailing_data = first[end + 2 :]
                 return self.result
-        start = max(self._scanned - 1, 0)
-        buf += data
-        end = buf.find(b"\n\n", start)
+            buf += first
         if self._minor is None and buf.find(b"\n", start) >= 0:
             self._check_first_line()
         if end < 0:
